@@ -1,0 +1,130 @@
+"""The `edgeslim` command: builds a RunConfig from flags, runs it, and maps errors to one line and an exit code.
+
+Exit codes: 0 validated and within budget; 1 validation or budget check failed; 2 bad input; 3 no plan can meet
+the budget. Nothing else lives here.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+from rich.console import Console
+
+from exporter.contracts import MIB, to_dict
+from exporter.errors import EdgeslimError
+from exporter.select import method_names
+from exporter.tasks import DEFAULT_TASK, TASKS
+
+
+def _one_line_errors(command):
+    """Turn the project's errors into `edgeslim: error: ...` and their exit code, with no traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except EdgeslimError as exc:
+            click.echo(f"edgeslim: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("edgeslim: interrupted; no output was written", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="edgeslim")
+def main() -> None:
+    """Shrink a pretrained LLM for one application until it fits a device; export it to ONNX and prove it."""
+
+
+_device = click.option("--device", "device", required=True, type=click.Path(dir_okay=False),
+                       help="Device profile YAML (see `edgeslim devices`).")
+_model = click.option("--model", default=None,
+                      help="Model folder, .gguf file or Hugging Face id. Default: embedded SmolLM2-135M-Instruct.")
+_rank_multiple = click.option("--rank-multiple", default=8, show_default=True, type=int,
+                              help="Round every rank to a multiple of this.")
+_safety = [
+    click.option("--allow-pickle", is_flag=True, help="Allow .bin/.pt pickle weights (they can run code)."),
+    click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model's folder or hub."),
+]
+
+
+def _with(options):
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+@main.command()
+@_device
+@_model
+@click.option("--task", default=DEFAULT_TASK, show_default=True, type=str,
+              help=f"Target application: {', '.join(sorted(TASKS))}.")
+@click.option("--method", default="svd", show_default=True, type=str,
+              help=f"Basis selection method: {', '.join(method_names())}.")
+@click.option("--out", default=None, help="Output folder. Default: ./edgeslim-out/<model>-<device>/")
+@click.option("--data-dir", default=None, help="Folder with gsm8k/, mbpp/, wikitext2/ (default: ../shared/data).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@_rank_multiple
+@_with(_safety)
+@_one_line_errors
+def export(device, model, task, method, out, data_dir, seed, rank_multiple, allow_pickle, trust_remote_code):
+    """Compress, export to ONNX, validate in onnxruntime and report."""
+    from exporter.pipeline import RunConfig, run  # heavy imports only when a command runs
+
+    result = run(RunConfig(device=device, model=model, task=task, method=method, out=out, data_dir=data_dir,
+                           seed=seed, rank_multiple=rank_multiple, allow_pickle=allow_pickle,
+                           trust_remote_code=trust_remote_code))
+    click.echo(f"wrote {result.artifact.folder}: validated, every budget met")
+
+
+@main.command()
+@_device
+@_model
+@_rank_multiple
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@_with(_safety)
+@_one_line_errors
+def plan(device, model, rank_multiple, as_json, allow_pickle, trust_remote_code):
+    """Plan per-layer ranks for a device, without compressing anything."""
+    from exporter.models import describe, load_model
+    from exporter.plan import make_plan
+    from exporter.profile import load_profile
+
+    profile = load_profile(device)
+    loaded = load_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    rank_plan = make_plan(describe(loaded.model), profile, rank_multiple)
+    if as_json:
+        data = to_dict(rank_plan)
+        data["layers"] = [{**layer, "shape": [layer["d_out"], layer["d_in"]],
+                           "kind": "dense" if layer["rank"] is None else "factorized"} for layer in data["layers"]]
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+        return
+    p = rank_plan.predicted
+    console = Console()
+    console.print(f"{loaded.name} on {profile.name}: keep {rank_plan.keep_ratio:.1%} of projection weights, "
+                  f"{len(rank_plan.factorized)}/{len(rank_plan.layers)} layers factorized")
+    console.print(f"predicted: weights {p.weights_bytes / MIB:.1f} MiB, memory {p.memory_bytes / MIB:.1f} MiB "
+                  f"(budget {profile.memory_budget_mib:g}), decode {p.decode_ms_per_token:.1f} ms/token "
+                  f"(budget {profile.decode_ms_per_token:g}), prefill {p.prefill_ms:.0f} ms "
+                  f"(budget {profile.prefill_ms:g})")
+
+
+@main.command()
+@_one_line_errors
+def devices():
+    """The shipped device profiles, one line each."""
+    from exporter.profile import load_profile, shipped_profiles
+
+    for path in shipped_profiles():
+        p = load_profile(path)
+        click.echo(f"{path.stem:18} {p.precision:5} {p.memory_budget_mib:>7g} MiB  ctx {p.context_length:>5}  "
+                   f"decode ≤{p.decode_ms_per_token:g} ms  {p.description}")

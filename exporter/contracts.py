@@ -1,0 +1,218 @@
+"""The data that flows between stages, in one place so the whole contract reads in one sitting.
+
+Every object is a frozen dataclass of plain values (no tensors, no models): stages never mutate their input,
+and `to_json` records exactly what ran in `plan.json` and `report.json`. The model is the only mutable object
+in a run, and the one function that changes it says so (`factorize.factorize_`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """What the target device offers and what an app may spend there (see device_profiles/README.md)."""
+
+    name: str
+    description: str
+    execution_providers: tuple[str, ...]  # in order of preference; CPUExecutionProvider is always the fallback
+    threads: int
+    precision: str  # weight precision of the shipped graph: fp32 | int8 | int4
+    context_length: int  # tokens of KV cache the app reserves
+    memory_budget_mib: float  # resident: weights + KV cache at context_length + runtime workspace
+    decode_ms_per_token: float  # budget for one generated token, after a prompt of prefill_tokens
+    prefill_ms: float  # budget for processing a prompt of prefill_tokens
+    prefill_tokens: int
+    memory_bandwidth_gbps: float  # effective (measured, not datasheet peak) DRAM bandwidth, GB/s
+    compute_gflops: float  # effective matmul throughput of the inference engine, GFLOP/s
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        return int(self.memory_budget_mib * MIB)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One compressible projection: `name` is its module path, shapes as y = W x with W (d_out x d_in)."""
+
+    name: str
+    d_in: int
+    d_out: int
+    bias: bool
+
+    @property
+    def params(self) -> int:
+        return self.d_in * self.d_out
+
+    @property
+    def break_even_rank(self) -> float:
+        """Rank at which two factors hold as many weights as the dense matrix: d_in*d_out/(d_in+d_out)."""
+        return self.d_in * self.d_out / (self.d_in + self.d_out)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the planner and exporter need to know about a model, read from its config and modules."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    tied_embeddings: bool
+    layers: tuple[LayerSpec, ...]  # compressible projections of the decoder blocks
+    embedding_params: int  # token (and position) embeddings: a lookup, one row read per token
+    lm_head_params: int  # the output projection (shares the embedding's storage when tied)
+    other_params: int  # norms and everything else kept in fp32
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One layer's decision: `rank` None means the layer stays dense."""
+
+    name: str
+    d_in: int
+    d_out: int
+    rank: int | None
+
+    @property
+    def dense(self) -> bool:
+        return self.rank is None
+
+    @property
+    def params(self) -> int:
+        return self.d_in * self.d_out if self.rank is None else self.rank * (self.d_in + self.d_out)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the latency/memory model predicts for a plan on one machine (the device, or this host)."""
+
+    weights_bytes: int
+    kv_cache_bytes: int
+    workspace_bytes: int
+    memory_bytes: int
+    prefill_ms: float
+    decode_ms_per_token: float
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """Per-layer ranks that meet the budget, with the figures predicted for the device."""
+
+    device: str
+    precision: str
+    keep_ratio: float  # fraction of the decoder projections' dense weights kept
+    rank_multiple: int
+    layers: tuple[LayerPlan, ...]
+    predicted: Prediction
+    dense_predicted: Prediction  # the same model uncompressed, for comparison
+
+    @property
+    def factorized(self) -> tuple[LayerPlan, ...]:
+        return tuple(layer for layer in self.layers if not layer.dense)
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """What factorizing one layer did: relative Frobenius error of the kept bases."""
+
+    name: str
+    rank: int
+    full_rank: int
+    relative_error: float
+
+
+@dataclass(frozen=True)
+class OnnxArtifact:
+    """The exported model folder and the graphs in it."""
+
+    folder: str
+    model_file: str  # the shipped graph, at the profile's precision
+    reference_file: str  # the fp32 graph that parity against PyTorch is checked on
+    precision: str
+    file_bytes: int  # model file plus its external data, as shipped
+    opset: int
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    provider: str
+    graph: str  # "reference fp32" or "shipped int4" ...
+    prompts: int
+    max_abs_logit_diff: float
+    tolerance: float
+    top1_agreement: float  # fraction of prompt positions whose argmax token matches PyTorch
+    greedy_steps: int
+    greedy_identical: bool
+    greedy_match_fraction: float  # tokens before the first difference / all greedy tokens
+    passed: bool
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Figures measured here by running the shipped graph in a fresh onnxruntime process."""
+
+    provider: str
+    threads: int
+    prefill_tokens: int
+    prefill_ms: float  # median
+    decode_ms_per_token: float  # median
+    peak_memory_bytes: int  # peak resident set of the process above its baseline before loading
+    load_ms: float
+
+
+@dataclass(frozen=True)
+class BudgetCheck:
+    """One line of the summary table."""
+
+    metric: str
+    budget: float | None
+    predicted: float | None
+    measured: float | None
+    unit: str
+    judged_on: str  # "measured" or "predicted"
+    passed: bool
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Everything one `edgeslim export` produced, as recorded in report.json."""
+
+    model: str
+    task: str
+    method: str
+    profile: DeviceProfile
+    plan: RankPlan
+    layers: tuple[LayerResult, ...]
+    artifact: OnnxArtifact
+    parity: tuple[ParityResult, ...]
+    providers_not_available: tuple[str, ...]
+    quantization_top1_agreement: float | None  # quantized vs unquantized PyTorch model, prompt positions
+    measurement: Measurement
+    host: dict[str, Any]
+    host_predicted: Prediction
+    checks: tuple[BudgetCheck, ...]
+    passed: bool
+    failures: tuple[str, ...] = field(default_factory=tuple)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass as a JSON-ready dict tagged with its type and the schema version."""
+    data = dataclasses.asdict(obj)
+    return {"type": type(obj).__name__, "version": SCHEMA_VERSION, **data}
+
+
+def to_json(obj: Any) -> str:
+    """Stable JSON (sorted keys) so the same inputs give byte-identical files."""
+    return json.dumps(to_dict(obj), indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,63 @@
+"""Replacing planned projections by two small Linears, in place.
+
+A factorized layer is two plain `nn.Linear`s (d_in -> r without bias, r -> d_out with the original bias): they
+export as two MatMuls that every runtime and quantizer already understands, with no custom op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from exporter.contracts import LayerResult, RankPlan
+from exporter.select import Factors, SelectionMethod
+
+
+class LowRankLinear(nn.Module):
+    """y = second(first(x)), first: d_in -> rank, second: rank -> d_out (+ bias)."""
+
+    def __init__(self, factors: Factors):
+        super().__init__()
+        rank, d_in = factors.first.shape
+        d_out = factors.second.shape[0]
+        self.first = nn.Linear(d_in, rank, bias=False)
+        self.second = nn.Linear(rank, d_out, bias=factors.bias is not None)
+        with torch.no_grad():
+            self.first.weight.copy_(factors.first)
+            self.second.weight.copy_(factors.second)
+            if factors.bias is not None:
+                self.second.bias.copy_(factors.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.second.weight @ self.first.weight  # (d_out x d_in)
+
+
+@torch.no_grad()
+def factorize_(
+    model: nn.Module,
+    plan: RankPlan,
+    method: SelectionMethod,
+    stats: dict,
+    on_layer: Callable[[str], None] = lambda name: None,
+) -> tuple[LayerResult, ...]:
+    """Mutates `model`: every layer the plan factorizes becomes a LowRankLinear chosen by `method`."""
+    results = []
+    for layer in plan.factorized:
+        module = model.get_submodule(layer.name)
+        weight = module.weight.detach()
+        bias = None if module.bias is None else module.bias.detach().clone()
+        factors = method.select(weight, bias, stats.get(layer.name), layer.rank)
+        replacement = LowRankLinear(factors)
+        error = torch.linalg.matrix_norm(replacement.dense_weight().double() - weight.double()) / (
+            torch.linalg.matrix_norm(weight.double())
+        )
+        parent_name, _, child = layer.name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, replacement)
+        results.append(LayerResult(layer.name, layer.rank, min(weight.shape), float(error)))
+        on_layer(layer.name)
+    return tuple(results)

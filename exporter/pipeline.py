@@ -1,0 +1,179 @@
+"""One `edgeslim export` run, top to bottom: profile -> plan -> select -> factorize -> export -> validate -> report.
+
+Outputs are atomic: everything is written into a hidden temporary folder beside the destination and moved into
+place only when validation passed. A failed run's files go to `<out>.failed/` for inspection; an interrupted run
+removes its temporary folder; in neither case is an earlier good output touched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from exporter import plan as planner
+from exporter.contracts import RunResult, to_json
+from exporter.errors import UsageError, ValidationFailed
+from exporter.export import export_model
+from exporter.factorize import factorize_
+from exporter.models import describe, load_model
+from exporter.profile import load_profile
+from exporter.report import budget_checks, print_summary, write_report
+from exporter.select import get_method
+from exporter.tasks import DEFAULT_TASK, data_dir, get_task, sample
+from exporter.validate import host_figures, measure_session, validate_parity
+
+MAX_PROMPT_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    device: str  # path of the device profile
+    model: str | None = None  # None: the embedded default
+    task: str = DEFAULT_TASK
+    method: str = "svd"
+    out: str | None = None  # None: ./edgeslim-out/<model>-<device>/
+    rank_multiple: int = 8
+    data_dir: str | None = None
+    parity_prompts: int = 3
+    seed: int = 0
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+def run(config: RunConfig, console: Console | None = None) -> RunResult:
+    console = console or Console(stderr=True)
+    profile = load_profile(config.device)
+    task = get_task(config.task)
+    method = get_method(config.method)
+    if config.rank_multiple < 1:
+        raise UsageError(f"--rank-multiple {config.rank_multiple}: must be a positive integer")
+    torch.manual_seed(config.seed)
+
+    with _progress(console) as progress:
+        stage = progress.add_task("loading model", total=None)
+        loaded = load_model(config.model, allow_pickle=config.allow_pickle,
+                            trust_remote_code=config.trust_remote_code)
+        destination = Path(config.out or f"edgeslim-out/{loaded.name}-{profile.name}")
+        _check_destination(destination)
+        prompts = [
+            loaded.tokenizer(text, return_tensors="pt").input_ids[:, :MAX_PROMPT_TOKENS]
+            for text in sample(task.prompts(data_dir(config.data_dir)), config.parity_prompts, config.seed)
+        ]
+        model, spec = loaded.model, describe(loaded.model)
+        progress.update(stage, total=1, completed=1, description=f"loaded {loaded.name}")
+
+        rank_plan = planner.make_plan(spec, profile, config.rank_multiple)
+        stage = progress.add_task(f"selecting bases ({method.name})", total=len(rank_plan.factorized))
+        with _single_thread():  # SVD on 2 threads of a busy machine can be 40x slower than on one
+            layer_results = factorize_(model, rank_plan, method, {},
+                                       on_layer=lambda _: progress.advance(stage))
+
+        with _staging(destination) as staging:
+            stage = progress.add_task("exporting to ONNX", total=None)
+            artifact = export_model(model, loaded.tokenizer, spec, staging, profile.precision,
+                                    profile.context_length)
+            progress.update(stage, total=1, completed=1)
+
+            stage = progress.add_task("validating in onnxruntime", total=None)
+            threads = min(profile.threads, os.cpu_count() or 1)
+            parity, missing, quant_agreement = validate_parity(model, artifact, prompts, profile.execution_providers, threads)
+            measurement = measure_session(artifact.model_file, "CPUExecutionProvider", threads,
+                                          profile.prefill_tokens, profile.context_length)
+            host = host_figures(threads)
+            host_predicted = planner.predict(
+                spec, [layer.params for layer in rank_plan.layers], precision=profile.precision,
+                context_length=profile.context_length, prefill_tokens=profile.prefill_tokens,
+                bandwidth_gbps=host["memory_bandwidth_gbps"], compute_gflops=host["compute_gflops"],
+            )
+            progress.update(stage, total=1, completed=1)
+
+            if artifact.reference_file != artifact.model_file:
+                _remove_graph(Path(artifact.reference_file))
+                artifact = replace(artifact, reference_file="(removed after validation)")
+            checks = budget_checks(profile, rank_plan, artifact, measurement)
+            failures = tuple(
+                [f"parity {p.graph} on {p.provider}: max |Δlogits| {p.max_abs_logit_diff:.3g} (tolerance "
+                 f"{p.tolerance:.3g}), greedy tokens identical: {p.greedy_identical}" for p in parity if not p.passed]
+                + [f"{c.metric}: {c.measured if c.judged_on == 'measured' else c.predicted:.1f} {c.unit} "
+                   f"({c.judged_on}) > budget {c.budget:g} {c.unit}" for c in checks if not c.passed]
+            )
+            result = RunResult(
+                model=loaded.source, task=task.name, method=method.name, profile=profile, plan=rank_plan,
+                layers=layer_results, artifact=replace(artifact, folder=str(destination)), parity=tuple(parity),
+                providers_not_available=tuple(missing), quantization_top1_agreement=quant_agreement,
+                measurement=measurement, host=host,
+                host_predicted=host_predicted, checks=checks, passed=not failures, failures=failures,
+            )
+            (staging / "plan.json").write_text(to_json(rank_plan))
+            write_report(result, staging)
+            _publish(staging, destination if result.passed else _failed(destination))
+
+    print_summary(result, console)
+    if not result.passed:
+        raise ValidationFailed(f"{failures[0]} (full report in {_failed(destination)}/report.json)")
+    return result
+
+
+def _failed(destination: Path) -> Path:
+    return destination.with_name(destination.name + ".failed")
+
+
+def _check_destination(destination: Path) -> None:
+    if destination.exists() and not destination.is_dir():
+        raise UsageError(f"--out {destination}: is a file; choose a folder path")
+    parent = destination.parent
+    existing = next((p for p in [parent, *parent.parents] if p.exists()), Path("."))
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UsageError(f"--out {destination}: {existing} is not a writable folder; choose another --out")
+
+
+@contextmanager
+def _staging(destination: Path):
+    """A temporary folder beside the destination, removed unless it was published."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(staging: Path, destination: Path) -> None:
+    """Swap the finished folder into place; the old one is only removed once the new one is there."""
+    old = None
+    if destination.exists():
+        old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
+        os.replace(destination, old)
+    os.replace(staging, destination)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_graph(path: Path) -> None:
+    path.unlink()
+    path.with_name(path.name + ".data").unlink(missing_ok=True)
+
+
+@contextmanager
+def _single_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@contextmanager
+def _progress(console: Console):
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
+        yield progress

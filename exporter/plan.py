@@ -1,0 +1,154 @@
+"""The planner: per-layer ranks that make the model fit a device profile, and what that plan will cost there.
+
+The cost model is a roofline, deliberately simple so its assumptions can be read off:
+- weights: every MatMul weight (projections, lm_head) at the profile's precision (int8/int4 as onnxruntime's
+  block-quantized MatMulNBits: `bits/8` bytes a weight plus an fp32 scale and a zero point per block of 32); the
+  embedding table likewise at int4 (GatherBlockQuantized), fp32 otherwise; norms and biases in fp32;
+- KV cache: fp32 keys and values for `context_length` tokens;
+- workspace: activations of a `prefill_tokens` prompt (logits for every position dominate) plus a fixed allowance
+  for the runtime itself, calibrated against onnxruntime on CPU (see `RUNTIME_OVERHEAD_BYTES`);
+- latency: max(bytes moved / bandwidth, FLOPs / compute) — decode moves every MatMul weight once per token and
+  reads the KV cache; prefill does 2 FLOPs per weight per prompt token plus attention.
+
+Allocation: one keep ratio `a` for every projection (rank = a x break-even rank, rounded to a multiple of 8); the
+largest `a` that meets every budget wins. A layer whose rank would reach its break-even rank stays dense.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from exporter.contracts import MIB, DeviceProfile, LayerPlan, ModelSpec, Prediction, RankPlan
+from exporter.errors import BudgetError
+from exporter.quantize import BITS, QUANT_BLOCK, quantized_ops
+
+# onnxruntime's own allocations beyond weights, KV cache and activations (arena, graph, kernels' scratch),
+# measured as peak RSS above the baseline of a process that has imported onnxruntime; see README "Cost model".
+RUNTIME_OVERHEAD_BYTES = 24 * MIB
+_SEARCH_STEPS = 40
+
+
+def bytes_per_weight(precision: str) -> float:
+    bits = BITS[precision]
+    if bits == 32:
+        return 4.0
+    return bits / 8 + 4 / QUANT_BLOCK + (bits / 8) / QUANT_BLOCK  # packed weights + fp32 scale + zero point
+
+
+def predict(
+    spec: ModelSpec,
+    layer_params: Sequence[int],
+    *,
+    precision: str,
+    context_length: int,
+    prefill_tokens: int,
+    bandwidth_gbps: float,
+    compute_gflops: float,
+) -> Prediction:
+    """Bytes and milliseconds for a model whose projections hold `layer_params` weights each."""
+    per_weight = bytes_per_weight(precision)
+    per_embedding = per_weight if "Gather" in quantized_ops(precision) else 4.0
+    matmul_params = sum(layer_params) + spec.lm_head_params
+    weights_bytes = int(per_weight * matmul_params + per_embedding * spec.embedding_params + 4 * spec.other_params)
+    kv_per_token = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * 4
+    kv_cache_bytes = kv_per_token * context_length
+    t = prefill_tokens
+    attention_scores = spec.num_attention_heads * t * t * 4  # one layer's scores live at a time
+    workspace = 4 * t * (spec.vocab_size + 4 * spec.hidden_size) + attention_scores + RUNTIME_OVERHEAD_BYTES
+    bandwidth = bandwidth_gbps * 1e9
+    compute = compute_gflops * 1e9
+    attn_dims = spec.num_layers * spec.num_attention_heads * spec.head_dim
+
+    decode_bytes = per_weight * matmul_params + 4 * spec.other_params + kv_per_token * t
+    decode_flops = 2 * matmul_params + 4 * attn_dims * t
+    prefill_flops = 2 * matmul_params * t + 2 * attn_dims * t * t
+    return Prediction(
+        weights_bytes=weights_bytes,
+        kv_cache_bytes=kv_cache_bytes,
+        workspace_bytes=int(workspace),
+        memory_bytes=int(weights_bytes + kv_cache_bytes + workspace),
+        prefill_ms=1e3 * max(weights_bytes / bandwidth, prefill_flops / compute),
+        decode_ms_per_token=1e3 * max(decode_bytes / bandwidth, decode_flops / compute),
+    )
+
+
+def predict_for_device(spec: ModelSpec, layers: Sequence[LayerPlan], profile: DeviceProfile) -> Prediction:
+    return predict(
+        spec,
+        [layer.params for layer in layers],
+        precision=profile.precision,
+        context_length=profile.context_length,
+        prefill_tokens=profile.prefill_tokens,
+        bandwidth_gbps=profile.memory_bandwidth_gbps,
+        compute_gflops=profile.compute_gflops,
+    )
+
+
+def layers_at(spec: ModelSpec, keep_ratio: float, rank_multiple: int) -> tuple[LayerPlan, ...]:
+    """Every projection at `keep_ratio` of its break-even rank; dense where factorizing would not pay."""
+    plans = []
+    for layer in spec.layers:
+        rank = max(rank_multiple, round(keep_ratio * layer.break_even_rank / rank_multiple) * rank_multiple)
+        dense = rank >= layer.break_even_rank
+        plans.append(LayerPlan(layer.name, layer.d_in, layer.d_out, None if dense else rank))
+    return tuple(plans)
+
+
+def make_plan(spec: ModelSpec, profile: DeviceProfile, rank_multiple: int = 8) -> RankPlan:
+    """The largest uniform keep ratio whose predicted memory and latency meet the profile's budgets."""
+    if rank_multiple < 1:
+        raise ValueError("rank_multiple must be positive")
+    dense = layers_at(spec, 1.0, rank_multiple)
+    dense_predicted = predict_for_device(spec, dense, profile)
+    if not _violations(dense_predicted, profile):
+        return _plan(spec, profile, dense, rank_multiple, dense_predicted)
+    smallest = layers_at(spec, 0.0, rank_multiple)
+    violations = _violations(predict_for_device(spec, smallest, profile), profile)
+    if violations:
+        raise BudgetError(
+            f"{profile.name}: no plan fits: even with every projection at rank {rank_multiple}, "
+            + "; ".join(violations)
+            + ". Raise the budget, shorten context_length or choose a lower precision"
+        )
+    low, high = 0.0, 1.0  # low always fits, high never does
+    for _ in range(_SEARCH_STEPS):
+        mid = (low + high) / 2
+        if _violations(predict_for_device(spec, layers_at(spec, mid, rank_multiple), profile), profile):
+            high = mid
+        else:
+            low = mid
+    layers = layers_at(spec, low, rank_multiple)
+    return _plan(spec, profile, layers, rank_multiple, dense_predicted)
+
+
+def _plan(spec, profile, layers, rank_multiple, dense_predicted) -> RankPlan:
+    kept = sum(layer.params for layer in layers) / sum(layer.params for layer in spec.layers)
+    return RankPlan(
+        device=profile.name,
+        precision=profile.precision,
+        keep_ratio=round(kept, 6),
+        rank_multiple=rank_multiple,
+        layers=layers,
+        predicted=predict_for_device(spec, layers, profile),
+        dense_predicted=dense_predicted,
+    )
+
+
+def _violations(p: Prediction, profile: DeviceProfile) -> list[str]:
+    """Each budget the prediction misses, stated with the predicted figure."""
+    out = []
+    if p.memory_bytes > profile.memory_budget_bytes:
+        out.append(
+            f"memory needs {p.memory_bytes / MIB:.1f} MiB (weights {p.weights_bytes / MIB:.1f}, KV cache "
+            f"{p.kv_cache_bytes / MIB:.1f}, workspace {p.workspace_bytes / MIB:.1f}) > budget "
+            f"{profile.memory_budget_mib:g} MiB"
+        )
+    if p.decode_ms_per_token > profile.decode_ms_per_token:
+        out.append(
+            f"decode needs {p.decode_ms_per_token:.1f} ms/token > budget {profile.decode_ms_per_token:g} ms/token"
+        )
+    if p.prefill_ms > profile.prefill_ms:
+        out.append(
+            f"prefill of {profile.prefill_tokens} tokens needs {p.prefill_ms:.0f} ms > budget {profile.prefill_ms:g} ms"
+        )
+    return out

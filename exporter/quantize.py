@@ -1,0 +1,86 @@
+"""Weight quantization of the shipped graph, and its exact mirror in PyTorch.
+
+The graph is quantized by onnxruntime's MatMulNBits quantizer (round-to-nearest, asymmetric, blocks of
+`QUANT_BLOCK` along the reduction axis, fp32 scale and integer zero point per block). `fake_quantize_` applies the
+same arithmetic to a PyTorch model's weights, so the shipped int8/int4 graph can be checked for exact parity the
+way the fp32 graph is: a quantized model cannot match the unquantized one token for token, but it must match
+itself. Keep the two functions side by side: they are one specification.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+BITS = {"fp32": 32, "int8": 8, "int4": 4}
+QUANT_BLOCK = 32
+
+
+def quantized_ops(precision: str) -> tuple[str, ...]:
+    """onnxruntime quantizes embedding tables (Gather) to 4 bits only; at int8 they stay fp32."""
+    return ("MatMul", "Gather") if BITS[precision] == 4 else ("MatMul",)
+
+
+def quantize_graph(reference: Path, precision: str) -> onnx.ModelProto:
+    """The fp32 graph at `precision`: every constant MatMul weight (and, at int4, embedding table) quantized."""
+    import logging
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(reference)),
+        bits=BITS[precision],
+        block_size=QUANT_BLOCK,
+        is_symmetric=False,
+        op_types_to_quantize=quantized_ops(precision),
+        quant_axes=(("MatMul", 0), ("Gather", 1)),
+    )
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # the quantizer logs every node it visits
+    try:
+        quantizer.process()
+    finally:
+        logging.disable(previous)
+    return quantizer.model.model
+
+
+def round_trip(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize and dequantize rows of `weight` in blocks of QUANT_BLOCK along the last axis, as MLAS does:
+    the block's range is widened to include 0, scale = range / (2^bits - 1), zero point rounded to an integer."""
+    rows, cols = weight.shape
+    pad = (-cols) % QUANT_BLOCK
+    blocks = torch.nn.functional.pad(weight.float(), (0, pad)).reshape(rows, -1, QUANT_BLOCK)
+    levels = 2**bits - 1
+    low = blocks.amin(-1, keepdim=True).clamp(max=0)
+    high = blocks.amax(-1, keepdim=True).clamp(min=0)
+    scale = (high - low) / levels
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zero = torch.round(-low / safe).clamp(0, levels)
+    q = torch.clamp(torch.round(blocks / safe + zero), 0, levels)
+    out = torch.where(scale == 0, torch.zeros_like(blocks), (q - zero) * scale)
+    return out.reshape(rows, -1)[:, :cols].to(weight.dtype)
+
+
+@torch.no_grad()
+def fake_quantize_(model: nn.Module, precision: str) -> nn.Module:
+    """Mutates `model`: every Linear weight (and, at int4, embedding table) replaced by its quantized value.
+
+    A Linear's weight (d_out x d_in) is the transpose of the graph's MatMul weight (K=d_in x N=d_out), so its
+    rows are the graph's blocks along K; an embedding (vocab x hidden) is quantized along hidden likewise. A tied
+    lm_head is untied first: the graph holds it as a separate MatMul weight (see export.fold_transposed_...).
+    """
+    bits = BITS[precision]
+    if bits == 32:
+        return model
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is model.get_input_embeddings().weight:
+        head.weight = nn.Parameter(head.weight.clone())  # the graph stores a tied head as its own MatMul weight
+    for module in model.modules():
+        if isinstance(module, nn.Linear) or (
+            isinstance(module, nn.Embedding) and "Gather" in quantized_ops(precision)
+        ):
+            module.weight.copy_(round_trip(module.weight, bits))
+    return model

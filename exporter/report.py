@@ -1,0 +1,107 @@
+"""Budget checks, report.json and the console summary.
+
+Where each figure comes from is part of the result: file size and memory measured here hold on the device (same
+graph, same runtime kernels); latency measured here is *this machine's*, so the device's latency budgets are
+judged on the cost model's prediction for the device, marked "predicted", and the model itself is checked by
+comparing its prediction for this machine with what was measured here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from exporter.contracts import (
+    MIB,
+    BudgetCheck,
+    DeviceProfile,
+    Measurement,
+    OnnxArtifact,
+    Prediction,
+    RankPlan,
+    RunResult,
+    to_json,
+)
+
+
+def budget_checks(
+    profile: DeviceProfile, plan: RankPlan, artifact: OnnxArtifact, measured: Measurement
+) -> tuple[BudgetCheck, ...]:
+    budget_mib = profile.memory_budget_mib
+    here = f"measured here ({measured.threads} threads, {measured.provider})"
+    return (
+        BudgetCheck("file size", budget_mib, plan.predicted.weights_bytes / MIB, artifact.file_bytes / MIB, "MiB",
+                    "measured", artifact.file_bytes <= profile.memory_budget_bytes, "weights must fit in memory"),
+        BudgetCheck("peak memory", budget_mib, plan.predicted.memory_bytes / MIB,
+                    measured.peak_memory_bytes / MIB, "MiB", "measured",
+                    measured.peak_memory_bytes <= profile.memory_budget_bytes,
+                    f"onnxruntime session, prefill {profile.prefill_tokens} + KV cache at {profile.context_length}"),
+        BudgetCheck("decode", profile.decode_ms_per_token, plan.predicted.decode_ms_per_token,
+                    measured.decode_ms_per_token, "ms/token", "predicted",
+                    plan.predicted.decode_ms_per_token <= profile.decode_ms_per_token,
+                    f"device figure predicted; {here}"),
+        BudgetCheck(f"prefill {profile.prefill_tokens} tokens", profile.prefill_ms, plan.predicted.prefill_ms,
+                    measured.prefill_ms, "ms", "predicted", plan.predicted.prefill_ms <= profile.prefill_ms,
+                    f"device figure predicted; {here}"),
+    )
+
+
+def latency_model_check(host_predicted: Prediction, measured: Measurement) -> dict:
+    """Measured / predicted for this machine: near 1 means the latency model can be trusted for the device."""
+    return {
+        "decode_measured_over_predicted": round(measured.decode_ms_per_token / host_predicted.decode_ms_per_token, 3),
+        "prefill_measured_over_predicted": round(measured.prefill_ms / host_predicted.prefill_ms, 3),
+    }
+
+
+def write_report(result: RunResult, folder: Path) -> None:
+    (folder / "report.json").write_text(to_json(result))
+
+
+def print_summary(result: RunResult, console: Console) -> None:
+    table = Table(title=f"{result.model} on {result.profile.name} ({result.profile.precision}, "
+                  f"{result.method}, task {result.task})")
+    for column in ("metric", "budget", "predicted (device)", "measured (here)", "judged on", "result"):
+        table.add_column(column, justify="left" if column in ("metric", "judged on") else "right")
+    for check in result.checks:
+        table.add_row(
+            check.metric,
+            _fmt(check.budget, check.unit),
+            _fmt(check.predicted, check.unit),
+            _fmt(check.measured, check.unit),
+            check.judged_on,
+            "[green]pass[/]" if check.passed else "[red]FAIL[/]",
+        )
+    for parity in result.parity:
+        table.add_row(
+            f"parity {parity.graph} on {parity.provider.removesuffix('ExecutionProvider')}",
+            "", "", f"Δ {parity.max_abs_logit_diff:.2g}, top-1 {parity.top1_agreement:.1%}", "measured",
+            "[green]pass[/]" if parity.passed else "[red]FAIL[/]",
+        )
+    console.print(table)
+    plan = result.plan
+    console.print(
+        f"kept {plan.keep_ratio:.1%} of the decoder projections' weights: {len(plan.factorized)} of "
+        f"{len(plan.layers)} layers factorized"
+    )
+    for provider in result.providers_not_available:
+        console.print(f"{provider}: not available here (this onnxruntime offers {', '.join(_available())})")
+    check = latency_model_check(result.host_predicted, result.measurement)
+    console.print(
+        f"latency model on this machine: measured/predicted decode {check['decode_measured_over_predicted']}, "
+        f"prefill {check['prefill_measured_over_predicted']}"
+    )
+    for failure in result.failures:
+        console.print(f"[red]failed:[/] {failure}")
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    return "" if value is None else f"{value:,.1f} {unit}"
+
+
+def _available() -> list[str]:
+    import onnxruntime
+
+    return onnxruntime.get_available_providers()

@@ -1,0 +1,99 @@
+"""Basis selection: which rank-1 bases u_i v_i^T of each W = U diag(s) V^T a layer keeps.
+
+A method is a class registered with `@register`. It declares what data it needs (`needs`), so the pipeline runs
+the right calibration pass, and has two parts:
+- `collect(model, batches, names)`: statistics per layer from the target application's data (hooks that remove
+  themselves; a training-based method would relearn here). Methods that need nothing return {}.
+- `select(weight, bias, stats, rank)`: pure linear algebra on one matrix, returning the two factors.
+A numerical failure raises NumericalError naming the layer; nothing is ever silently replaced.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from exporter.errors import NumericalError, UsageError
+
+Needs = Literal["nothing", "activations", "gradients", "training"]
+
+
+@dataclass
+class Factors:
+    """W ~= second @ first: `first` (rank x d_in) = diag(s) V^T, `second` (d_out x rank) = U."""
+
+    first: torch.Tensor
+    second: torch.Tensor
+    bias: torch.Tensor | None
+
+    @property
+    def rank(self) -> int:
+        return self.first.shape[0]
+
+
+class SelectionMethod(ABC):
+    name: ClassVar[str]
+    needs: ClassVar[Needs]
+    description: ClassVar[str]
+
+    def collect(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], names: list[str]) -> dict:
+        """Statistics per layer name; the default (for methods that need no data) is none."""
+        return {}
+
+    @abstractmethod
+    def select(self, weight: torch.Tensor, bias: torch.Tensor | None, stats: Any, rank: int) -> Factors:
+        """Factors of rank `rank` for W (d_out x d_in)."""
+
+
+_REGISTRY: dict[str, type[SelectionMethod]] = {}
+
+
+def register(cls: type[SelectionMethod]) -> type[SelectionMethod]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> SelectionMethod:
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        raise UsageError(f"--method {name}: unknown method; choose one of {', '.join(sorted(_REGISTRY))}") from None
+
+
+def method_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def svd(weight: torch.Tensor, layer: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U, s, V^T of W in float64 (fp32 SVD loses the small singular values that truncation compares)."""
+    try:
+        u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+    except RuntimeError as exc:  # LinAlgError subclasses RuntimeError
+        raise NumericalError(f"SVD of {layer or 'a layer'} failed: {str(exc).splitlines()[0]}") from None
+    if not torch.isfinite(s).all():
+        raise NumericalError(f"SVD of {layer or 'a layer'} produced non-finite singular values; check the weights")
+    return u, s, vh
+
+
+def keep_top(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, bias, rank: int, dtype) -> Factors:
+    """Factors from the first `rank` bases of an SVD."""
+    first = s[:rank, None] * vh[:rank]
+    return Factors(first=first.to(dtype), second=u[:, :rank].to(dtype), bias=bias)
+
+
+@register
+class TruncatedSVD(SelectionMethod):
+    """Keep the bases with the largest singular values: optimal for W itself, blind to the target data."""
+
+    name = "svd"
+    needs = "nothing"
+    description = "plain truncated SVD (keeps the largest singular values)"
+
+    def select(self, weight, bias, stats, rank):
+        u, s, vh = svd(weight)
+        return keep_top(u, s, vh, bias, rank, weight.dtype)

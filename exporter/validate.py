@@ -1,0 +1,191 @@
+"""Proving the export in onnxruntime: parity with the PyTorch compressed model, and measured cost.
+
+Parity is checked on the target task's prompts, for every graph in the export, against its PyTorch counterpart:
+the fp32 reference graph against the compressed PyTorch model, and the shipped int8/int4 graph against the same
+model with its weights rounded exactly as the quantizer rounds them (exporter.quantize). Both must match: max
+|logit difference| within `RELATIVE_TOLERANCE` of the largest logit, and greedy tokens identical for
+`GREEDY_STEPS` decode steps through the KV cache. How much quantization itself changes the model is reported
+separately (top-1 agreement of the quantized and unquantized PyTorch models), not gated: that is accuracy.
+Providers: every one the profile lists that this onnxruntime offers is checked; the rest are listed as "not
+available here". A session that silently fell back to CPU counts as not available.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from transformers import PreTrainedModel
+
+from exporter.contracts import Measurement, OnnxArtifact, ParityResult
+from exporter.measure import empty_past, feed, kv_layout, session
+from exporter.quantize import fake_quantize_
+
+RELATIVE_TOLERANCE = 1e-4
+GREEDY_STEPS = 32
+CPU = "CPUExecutionProvider"
+
+
+def providers_to_check(requested: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """(providers to validate on, providers not available here); CPU is always validated."""
+    available = set(ort.get_available_providers())
+    use = [p for p in dict.fromkeys(requested) if p in available]
+    if CPU not in use:
+        use.append(CPU)
+    missing = [p for p in dict.fromkeys(requested) if p not in available]
+    return use, missing
+
+
+def torch_greedy(model: PreTrainedModel, ids: torch.Tensor, steps: int) -> tuple[np.ndarray, list[int]]:
+    """Logits of the prompt's positions and `steps` greedy tokens, through transformers' KV cache."""
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        prompt_logits = out.logits[0].float().numpy()
+        tokens, past = [], out.past_key_values
+        token = out.logits[0, -1].argmax()
+        for _ in range(steps):
+            tokens.append(int(token))
+            out = model(input_ids=token.view(1, 1), past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[0, -1].argmax()
+    return prompt_logits, tokens
+
+
+def ort_greedy(sess: ort.InferenceSession, ids: np.ndarray, steps: int) -> tuple[np.ndarray, list[int]]:
+    """The same through the exported graph: prefill with an empty cache, then one token at a time."""
+    names, heads, head_dim = kv_layout(sess)
+    outputs = [o.name for o in sess.get_outputs()]
+    out = sess.run(outputs, feed(ids, empty_past(names, heads, head_dim), 0))
+    prompt_logits, tokens, past_len = out[0][0], [], ids.shape[1]
+    token = int(out[0][0, -1].argmax())
+    for _ in range(steps):
+        tokens.append(token)
+        past = dict(zip(names, out[1:], strict=True))
+        out = sess.run(outputs, feed(np.array([[token]], dtype=np.int64), past, past_len))
+        token, past_len = int(out[0][0, -1].argmax()), past_len + 1
+    return prompt_logits, tokens
+
+
+def check_parity(
+    graph_file: str,
+    label: str,
+    prompts: list[torch.Tensor],
+    provider: str,
+    threads: int,
+    references: list[tuple[np.ndarray, list[int]]],
+) -> ParityResult | None:
+    """Compare one graph with its PyTorch counterpart; None when the provider silently fell back to CPU."""
+    sess = session(graph_file, provider, threads)
+    if sess.get_providers()[0] != provider:
+        return None
+    max_diff, tolerance, agree, positions, matched, identical = 0.0, 0.0, 0, 0, 0, True
+    for ids, (ref_logits, ref_tokens) in zip(prompts, references, strict=True):
+        logits, tokens = ort_greedy(sess, ids.numpy(), GREEDY_STEPS)
+        max_diff = max(max_diff, float(np.abs(logits - ref_logits).max()))
+        tolerance = max(tolerance, RELATIVE_TOLERANCE * float(np.abs(ref_logits).max()))
+        agree += int((logits.argmax(-1) == ref_logits.argmax(-1)).sum())
+        positions += logits.shape[0]
+        matched += _common_prefix(tokens, ref_tokens)
+        identical &= tokens == ref_tokens
+    return ParityResult(
+        provider=provider,
+        graph=label,
+        prompts=len(prompts),
+        max_abs_logit_diff=max_diff,
+        tolerance=tolerance,
+        top1_agreement=agree / positions,
+        greedy_steps=GREEDY_STEPS,
+        greedy_identical=identical,
+        greedy_match_fraction=matched / (GREEDY_STEPS * len(prompts)),
+        passed=max_diff <= tolerance and identical,
+    )
+
+
+def validate_parity(
+    model: PreTrainedModel,
+    artifact: OnnxArtifact,
+    prompts: list[torch.Tensor],
+    requested: tuple[str, ...],
+    threads: int,
+) -> tuple[list[ParityResult], list[str], float | None]:
+    """Parity of every graph in the export on every provider the profile asks for that is really here.
+
+    Returns (results, providers not available here, top-1 agreement of the quantized model with the
+    unquantized one on the prompts' positions, None at fp32)."""
+    providers, missing = providers_to_check(requested)
+    graphs = [(artifact.reference_file, "reference fp32", model)]
+    if artifact.model_file != artifact.reference_file:
+        quantized = fake_quantize_(copy.deepcopy(model), artifact.precision)
+        graphs.append((artifact.model_file, f"shipped {artifact.precision}", quantized))
+    references = {label: [torch_greedy(m, ids, GREEDY_STEPS) for ids in prompts] for _, label, m in graphs}
+    results = []
+    for provider in providers:
+        for graph_file, label, _ in graphs:
+            result = check_parity(graph_file, label, prompts, provider, threads, references[label])
+            if result is None:  # onnxruntime fell back to CPU: the provider is not really here
+                missing.append(provider)
+                break
+            results.append(result)
+    agreement = None
+    if len(graphs) == 2:
+        pairs = zip(*references.values(), strict=True)
+        agree = sum(int((a[0].argmax(-1) == b[0].argmax(-1)).sum()) for a, b in pairs)
+        agreement = agree / sum(ids.shape[1] for ids in prompts)
+    return results, missing, agreement
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def measure_session(model_file: str, provider: str, threads: int, prefill_tokens: int, context: int) -> Measurement:
+    """Run exporter.measure in a fresh process and read its JSON."""
+    cmd = [sys.executable, "-m", "exporter.measure", model_file, "--provider", provider, "--threads", str(threads),
+           "--prefill-tokens", str(prefill_tokens), "--context", str(context)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"measuring {model_file} failed: {tail}")
+    return Measurement(**json.loads(done.stdout))
+
+
+def host_figures(threads: int) -> dict:
+    """This machine's effective bandwidth and matmul throughput, so the latency model can be checked here."""
+    size = 64 * 1024 * 1024  # 256 MiB of float32: well beyond any cache
+    src, dst = np.ones(size, dtype=np.float32), np.empty(size, dtype=np.float32)
+    copies = []
+    for _ in range(3):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        copies.append(time.perf_counter() - start)
+    bandwidth = 2 * src.nbytes / min(copies) / 1e9  # read + write
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    compute = 10 * 2 * 1024**3 / (time.perf_counter() - start) / 1e9
+    torch.set_num_threads(old)
+    return {
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "threads_used": threads,
+        "memory_bandwidth_gbps": round(bandwidth, 2),
+        "compute_gflops": round(compute, 1),
+        "onnxruntime": ort.__version__,
+    }

@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny random models built from a config (no download), with a small real tokenizer."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+VOCAB = 320
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def tiny_config(arch: str):
+    common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    if arch == "llama":
+        return LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, tie_word_embeddings=True, **common)
+    if arch == "qwen2":  # attention biases on q/k/v, untied head
+        return Qwen2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, tie_word_embeddings=False, **common)
+    if arch == "gpt2":  # Conv1D projections, learned positions
+        return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
+    raise ValueError(arch)
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained in a second on standard-library source: real merges, no download."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()
+    tok.train_from_iterator([text], trainer)
+    from tokenizers import decoders
+
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+def build_tiny(arch: str):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+
+
+@pytest.fixture(params=["llama", "qwen2", "gpt2"])
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_model(arch):
+    return build_tiny(arch)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, arch, tokenizer) -> Path:
+    folder = tmp_path / f"tiny-{arch}"
+    build_tiny(arch).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,48 @@
+"""End-to-end runs of the pipeline on tiny random models (seconds each)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from exporter.errors import ValidationFailed
+from exporter.pipeline import RunConfig, run
+
+
+def write_profile(path, **overrides):
+    profile = {
+        "name": "tiny-device",
+        "execution_providers": ["XnnpackExecutionProvider", "CPUExecutionProvider"],
+        "threads": 1,
+        "precision": "int4",
+        "context_length": 64,
+        "memory_budget_mib": 256,
+        "latency": {"decode_ms_per_token": 1000, "prefill_ms": 3000, "prefill_tokens": 16},
+        # slow enough that the tiny model's dense prefill misses its budget: the plan must factorize
+        "hardware": {"memory_bandwidth_gbps": 10, "compute_gflops": 0.0005},
+    }
+    profile.update(overrides)
+    path.write_text(yaml.safe_dump(profile))
+    return path
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
+def test_export_validates_each_precision(tmp_path, tiny_model_dir, precision):
+    profile = write_profile(tmp_path / "p.yaml", precision=precision)
+    out = tmp_path / "out"
+    result = run(RunConfig(device=str(profile), model=str(tiny_model_dir), out=str(out), parity_prompts=2))
+    assert result.passed, result.failures
+    assert result.plan.factorized, "the budget should force factorization"
+    names = {p.name for p in out.iterdir()}
+    assert {"model.onnx", "genai_config.json", "plan.json", "report.json", "tokenizer.json"} <= names
+    assert "reference-fp32.onnx" not in names
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] is True
+    graphs = {p["graph"] for p in report["parity"]}
+    assert "reference fp32" in graphs
+    if precision != "fp32":
+        assert f"shipped {precision}" in graphs
+    assert "XnnpackExecutionProvider" in report["providers_not_available"]
+    assert report["measurement"]["peak_memory_bytes"] > 0
