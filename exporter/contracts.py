@@ -24,7 +24,7 @@ class DeviceProfile:
     description: str
     execution_providers: tuple[str, ...]  # in order of preference; CPUExecutionProvider is always the fallback
     threads: int
-    precision: str  # weight precision of the shipped graph: fp32 | int8 | int4
+    precision: str  # weight precision of the shipped graph: fp32 | int4
     context_length: int  # tokens of KV cache the app reserves
     memory_budget_mib: float  # resident: weights + KV cache at context_length + runtime workspace
     decode_ms_per_token: float  # budget for one generated token, after a prompt of prefill_tokens
@@ -32,6 +32,7 @@ class DeviceProfile:
     prefill_tokens: int
     memory_bandwidth_gbps: float  # effective (measured, not datasheet peak) DRAM bandwidth, GB/s
     compute_gflops: float  # effective matmul throughput of the inference engine, GFLOP/s
+    op_overhead_us: float = 5.0  # the runtime's cost per graph node beyond the roofline (dispatch, small ops), µs
 
     @property
     def memory_budget_bytes(self) -> int:
@@ -151,7 +152,6 @@ class ParityResult:
     prompts: int
     max_abs_logit_diff: float
     tolerance: float
-    top1_agreement: float  # fraction of prompt positions whose argmax token matches PyTorch
     greedy_steps: int
     greedy_identical: bool
     greedy_match_fraction: float  # tokens before the first difference / all greedy tokens

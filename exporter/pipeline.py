@@ -84,7 +84,9 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult:
 
             stage = progress.add_task("validating in onnxruntime", total=None)
             threads = min(profile.threads, os.cpu_count() or 1)
-            parity, missing, quant_agreement = validate_parity(model, artifact, prompts, profile.execution_providers, threads)
+            parity, missing, quant_agreement = validate_parity(
+                model, artifact, prompts, profile.execution_providers, threads
+            )
             measurement = measure_session(artifact.model_file, "CPUExecutionProvider", threads,
                                           profile.prefill_tokens, profile.context_length)
             host = host_figures(threads)
@@ -92,6 +94,7 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult:
                 spec, [layer.params for layer in rank_plan.layers], precision=profile.precision,
                 context_length=profile.context_length, prefill_tokens=profile.prefill_tokens,
                 bandwidth_gbps=host["memory_bandwidth_gbps"], compute_gflops=host["compute_gflops"],
+                op_overhead_us=host["op_overhead_us"],
             )
             progress.update(stage, total=1, completed=1)
 

@@ -1,14 +1,18 @@
 """The planner: per-layer ranks that make the model fit a device profile, and what that plan will cost there.
 
 The cost model is a roofline, deliberately simple so its assumptions can be read off:
-- weights: every MatMul weight (projections, lm_head) at the profile's precision (int8/int4 as onnxruntime's
-  block-quantized MatMulNBits: `bits/8` bytes a weight plus an fp32 scale and a zero point per block of 32); the
-  embedding table likewise at int4 (GatherBlockQuantized), fp32 otherwise; norms and biases in fp32;
-- KV cache: fp32 keys and values for `context_length` tokens;
-- workspace: activations of a `prefill_tokens` prompt (logits for every position dominate) plus a fixed allowance
-  for the runtime itself, calibrated against onnxruntime on CPU (see `RUNTIME_OVERHEAD_BYTES`);
-- latency: max(bytes moved / bandwidth, FLOPs / compute) — decode moves every MatMul weight once per token and
-  reads the KV cache; prefill does 2 FLOPs per weight per prompt token plus attention.
+- weights: every MatMul weight (projections, lm_head) and the embedding table at the profile's precision (int4 as
+  onnxruntime's block-quantized MatMulNBits / GatherBlockQuantized: half a byte a weight plus an fp32 scale and a
+  4-bit zero point per block of 32); norms and biases in fp32;
+- KV cache: fp32 keys and values for `context_length` tokens, twice: a decode step holds the past it reads and
+  the present it writes (the graph does not share their buffers);
+- workspace: activations of a `prefill_tokens` prompt (the graph computes logits for the last position only)
+  plus a fixed allowance for the runtime itself, calibrated against onnxruntime on CPU
+  (`RUNTIME_OVERHEAD_BYTES`). The sum is an upper bound: it assumes a prompt arrives while the cache is full.
+- latency: max(bytes moved / bandwidth, FLOPs / compute) + graph nodes x per-node overhead. Decode moves every
+  MatMul weight once per token and reads the KV cache; prefill does 2 FLOPs per weight per prompt token plus
+  attention. The per-node term matters for small models: SmolLM2-135M's graph has ~2,250 nodes, and at ~5 µs a
+  node onnxruntime spends more time dispatching than computing a decode step on a desktop CPU.
 
 Allocation: one keep ratio `a` for every projection (rank = a x break-even rank, rounded to a multiple of 8); the
 largest `a` that meets every budget wins. A layer whose rank would reach its break-even rank stays dense.
@@ -20,12 +24,14 @@ from collections.abc import Sequence
 
 from exporter.contracts import MIB, DeviceProfile, LayerPlan, ModelSpec, Prediction, RankPlan
 from exporter.errors import BudgetError
-from exporter.quantize import BITS, QUANT_BLOCK, quantized_ops
+from exporter.quantize import BITS, QUANT_BLOCK
 
 # onnxruntime's own allocations beyond weights, KV cache and activations (arena, graph, kernels' scratch),
 # measured as peak RSS above the baseline of a process that has imported onnxruntime; see README "Cost model".
 RUNTIME_OVERHEAD_BYTES = 24 * MIB
 _SEARCH_STEPS = 40
+# nodes of an exported decoder block (Llama family, torch.onnx dynamo export, counted: 2,248 nodes for 30 blocks)
+GRAPH_NODES_PER_BLOCK = 75
 
 
 def bytes_per_weight(precision: str) -> float:
@@ -44,21 +50,24 @@ def predict(
     prefill_tokens: int,
     bandwidth_gbps: float,
     compute_gflops: float,
+    op_overhead_us: float,
 ) -> Prediction:
     """Bytes and milliseconds for a model whose projections hold `layer_params` weights each."""
     per_weight = bytes_per_weight(precision)
-    per_embedding = per_weight if "Gather" in quantized_ops(precision) else 4.0
     matmul_params = sum(layer_params) + spec.lm_head_params
-    weights_bytes = int(per_weight * matmul_params + per_embedding * spec.embedding_params + 4 * spec.other_params)
+    weights_bytes = int(per_weight * (matmul_params + spec.embedding_params) + 4 * spec.other_params)
     kv_per_token = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * 4
-    kv_cache_bytes = kv_per_token * context_length
+    kv_cache_bytes = 2 * kv_per_token * context_length  # past inputs and present outputs are separate buffers
     t = prefill_tokens
-    attention_scores = spec.num_attention_heads * t * t * 4  # one layer's scores live at a time
-    workspace = 4 * t * (spec.vocab_size + 4 * spec.hidden_size) + attention_scores + RUNTIME_OVERHEAD_BYTES
+    width = max([spec.hidden_size, *(layer.d_out for layer in spec.layers)])
+    activations = 4 * t * (4 * spec.hidden_size + 2 * width) + 4 * spec.num_attention_heads * t * t
+    workspace = activations + 4 * spec.vocab_size + RUNTIME_OVERHEAD_BYTES
     bandwidth = bandwidth_gbps * 1e9
     compute = compute_gflops * 1e9
     attn_dims = spec.num_layers * spec.num_attention_heads * spec.head_dim
 
+    factorized = sum(1 for params, layer in zip(layer_params, spec.layers, strict=True) if params != layer.params)
+    dispatch = 1e-6 * op_overhead_us * (spec.num_layers * GRAPH_NODES_PER_BLOCK + factorized)
     decode_bytes = per_weight * matmul_params + 4 * spec.other_params + kv_per_token * t
     decode_flops = 2 * matmul_params + 4 * attn_dims * t
     prefill_flops = 2 * matmul_params * t + 2 * attn_dims * t * t
@@ -67,8 +76,8 @@ def predict(
         kv_cache_bytes=kv_cache_bytes,
         workspace_bytes=int(workspace),
         memory_bytes=int(weights_bytes + kv_cache_bytes + workspace),
-        prefill_ms=1e3 * max(weights_bytes / bandwidth, prefill_flops / compute),
-        decode_ms_per_token=1e3 * max(decode_bytes / bandwidth, decode_flops / compute),
+        prefill_ms=1e3 * (max(weights_bytes / bandwidth, prefill_flops / compute) + dispatch),
+        decode_ms_per_token=1e3 * (max(decode_bytes / bandwidth, decode_flops / compute) + dispatch),
     )
 
 
@@ -81,11 +90,15 @@ def predict_for_device(spec: ModelSpec, layers: Sequence[LayerPlan], profile: De
         prefill_tokens=profile.prefill_tokens,
         bandwidth_gbps=profile.memory_bandwidth_gbps,
         compute_gflops=profile.compute_gflops,
+        op_overhead_us=profile.op_overhead_us,
     )
 
 
 def layers_at(spec: ModelSpec, keep_ratio: float, rank_multiple: int) -> tuple[LayerPlan, ...]:
-    """Every projection at `keep_ratio` of its break-even rank; dense where factorizing would not pay."""
+    """Every projection at `keep_ratio` of its break-even rank; dense where factorizing would not pay.
+    A keep ratio of 1 (or more) is the dense model."""
+    if keep_ratio >= 1.0:
+        return tuple(LayerPlan(layer.name, layer.d_in, layer.d_out, None) for layer in spec.layers)
     plans = []
     for layer in spec.layers:
         rank = max(rank_multiple, round(keep_ratio * layer.break_even_rank / rank_multiple) * rank_multiple)

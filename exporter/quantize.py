@@ -2,7 +2,7 @@
 
 The graph is quantized by onnxruntime's MatMulNBits quantizer (round-to-nearest, asymmetric, blocks of
 `QUANT_BLOCK` along the reduction axis, fp32 scale and integer zero point per block). `fake_quantize_` applies the
-same arithmetic to a PyTorch model's weights, so the shipped int8/int4 graph can be checked for exact parity the
+same arithmetic to a PyTorch model's weights, so the shipped int4 graph can be checked for exact parity the
 way the fp32 graph is: a quantized model cannot match the unquantized one token for token, but it must match
 itself. Keep the two functions side by side: they are one specification.
 """
@@ -15,17 +15,15 @@ import onnx
 import torch
 from torch import nn
 
-BITS = {"fp32": 32, "int8": 8, "int4": 4}
+BITS = {"fp32": 32, "int4": 4}
 QUANT_BLOCK = 32
 
 
-def quantized_ops(precision: str) -> tuple[str, ...]:
-    """onnxruntime quantizes embedding tables (Gather) to 4 bits only; at int8 they stay fp32."""
-    return ("MatMul", "Gather") if BITS[precision] == 4 else ("MatMul",)
+QUANTIZED_OPS = ("MatMul", "Gather")  # every constant MatMul weight and the embedding table
 
 
 def quantize_graph(reference: Path, precision: str) -> onnx.ModelProto:
-    """The fp32 graph at `precision`: every constant MatMul weight (and, at int4, embedding table) quantized."""
+    """The fp32 graph at `precision`: every constant MatMul weight and the embedding table quantized."""
     import logging
 
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -35,7 +33,7 @@ def quantize_graph(reference: Path, precision: str) -> onnx.ModelProto:
         bits=BITS[precision],
         block_size=QUANT_BLOCK,
         is_symmetric=False,
-        op_types_to_quantize=quantized_ops(precision),
+        op_types_to_quantize=QUANTIZED_OPS,
         quant_axes=(("MatMul", 0), ("Gather", 1)),
     )
     previous = logging.root.manager.disable
@@ -66,7 +64,7 @@ def round_trip(weight: torch.Tensor, bits: int) -> torch.Tensor:
 
 @torch.no_grad()
 def fake_quantize_(model: nn.Module, precision: str) -> nn.Module:
-    """Mutates `model`: every Linear weight (and, at int4, embedding table) replaced by its quantized value.
+    """Mutates `model`: every Linear weight and embedding table replaced by its quantized value.
 
     A Linear's weight (d_out x d_in) is the transpose of the graph's MatMul weight (K=d_in x N=d_out), so its
     rows are the graph's blocks along K; an embedding (vocab x hidden) is quantized along hidden likewise. A tied
@@ -79,8 +77,6 @@ def fake_quantize_(model: nn.Module, precision: str) -> nn.Module:
     if head is not None and head.weight is model.get_input_embeddings().weight:
         head.weight = nn.Parameter(head.weight.clone())  # the graph stores a tied head as its own MatMul weight
     for module in model.modules():
-        if isinstance(module, nn.Linear) or (
-            isinstance(module, nn.Embedding) and "Gather" in quantized_ops(precision)
-        ):
+        if isinstance(module, nn.Linear | nn.Embedding):
             module.weight.copy_(round_trip(module.weight, bits))
     return model

@@ -77,7 +77,7 @@ def print_summary(result: RunResult, console: Console) -> None:
     for parity in result.parity:
         table.add_row(
             f"parity {parity.graph} on {parity.provider.removesuffix('ExecutionProvider')}",
-            "", "", f"Δ {parity.max_abs_logit_diff:.2g}, top-1 {parity.top1_agreement:.1%}", "measured",
+            "", "", f"Δ {parity.max_abs_logit_diff:.2g} ≤ {parity.tolerance:.2g}", "measured",
             "[green]pass[/]" if parity.passed else "[red]FAIL[/]",
         )
     console.print(table)
@@ -86,6 +86,9 @@ def print_summary(result: RunResult, console: Console) -> None:
         f"kept {plan.keep_ratio:.1%} of the decoder projections' weights: {len(plan.factorized)} of "
         f"{len(plan.layers)} layers factorized"
     )
+    if result.quantization_top1_agreement is not None:
+        console.print(f"{result.profile.precision} weights agree with fp32 on the next token at "
+                      f"{result.quantization_top1_agreement:.1%} of prompt positions (accuracy, not gated)")
     for provider in result.providers_not_available:
         console.print(f"{provider}: not available here (this onnxruntime offers {', '.join(_available())})")
     check = latency_model_check(result.host_predicted, result.measurement)

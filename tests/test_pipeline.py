@@ -7,7 +7,6 @@ import json
 import pytest
 import yaml
 
-from exporter.errors import ValidationFailed
 from exporter.pipeline import RunConfig, run
 
 
@@ -28,7 +27,7 @@ def write_profile(path, **overrides):
     return path
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
 def test_export_validates_each_precision(tmp_path, tiny_model_dir, precision):
     profile = write_profile(tmp_path / "p.yaml", precision=precision)
     out = tmp_path / "out"
