@@ -11,7 +11,6 @@ import json
 import sys
 
 import click
-from rich.console import Console
 
 from exporter.contracts import MIB, to_dict
 from exporter.errors import EdgeslimError
@@ -32,6 +31,10 @@ def _one_line_errors(command):
         except KeyboardInterrupt:
             click.echo("edgeslim: interrupted; no output was written", err=True)
             sys.exit(130)
+        except OSError as exc:  # a full disk or a vanished folder: the run wrote nothing that looks finished
+            where = f" ({exc.filename})" if exc.filename else ""
+            click.echo(f"edgeslim: error: {exc.strerror or exc}{where}; no output was written", err=True)
+            sys.exit(1)
 
     return wrapper
 
@@ -73,16 +76,18 @@ def _with(options):
 @click.option("--out", default=None, help="Output folder. Default: ./edgeslim-out/<model>-<device>/")
 @click.option("--data-dir", default=None, help="Folder with gsm8k/, mbpp/, wikitext2/ (default: ../shared/data).")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the per-layer cache (~/.cache/edgeslim).")
 @_rank_multiple
 @_with(_safety)
 @_one_line_errors
-def export(device, model, task, method, out, data_dir, seed, rank_multiple, allow_pickle, trust_remote_code):
+def export(device, model, task, method, out, data_dir, seed, no_cache, rank_multiple, allow_pickle,
+           trust_remote_code):
     """Compress, export to ONNX, validate in onnxruntime and report."""
     from exporter.pipeline import RunConfig, run  # heavy imports only when a command runs
 
     result = run(RunConfig(device=device, model=model, task=task, method=method, out=out, data_dir=data_dir,
                            seed=seed, rank_multiple=rank_multiple, allow_pickle=allow_pickle,
-                           trust_remote_code=trust_remote_code))
+                           trust_remote_code=trust_remote_code, use_cache=not no_cache))
     click.echo(f"wrote {result.artifact.folder}: validated, every budget met")
 
 
@@ -109,10 +114,9 @@ def plan(device, model, rank_multiple, as_json, allow_pickle, trust_remote_code)
         click.echo(json.dumps(data, indent=2, sort_keys=True))
         return
     p = rank_plan.predicted
-    console = Console()
-    console.print(f"{loaded.name} on {profile.name}: keep {rank_plan.keep_ratio:.1%} of projection weights, "
+    click.echo(f"{loaded.name} on {profile.name}: keep {rank_plan.keep_ratio:.1%} of projection weights, "
                   f"{len(rank_plan.factorized)}/{len(rank_plan.layers)} layers factorized")
-    console.print(f"predicted: weights {p.weights_bytes / MIB:.1f} MiB, memory {p.memory_bytes / MIB:.1f} MiB "
+    click.echo(f"predicted: weights {p.weights_bytes / MIB:.1f} MiB, memory {p.memory_bytes / MIB:.1f} MiB "
                   f"(budget {profile.memory_budget_mib:g}), decode {p.decode_ms_per_token:.1f} ms/token "
                   f"(budget {profile.decode_ms_per_token:g}), prefill {p.prefill_ms:.0f} ms "
                   f"(budget {profile.prefill_ms:g})")
@@ -128,3 +132,7 @@ def devices():
         p = load_profile(path)
         click.echo(f"{path.stem:18} {p.precision:5} {p.memory_budget_mib:>7g} MiB  ctx {p.context_length:>5}  "
                    f"decode ≤{p.decode_ms_per_token:g} ms  {p.description}")
+
+
+if __name__ == "__main__":
+    main()

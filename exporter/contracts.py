@@ -70,6 +70,7 @@ class ModelSpec:
     num_kv_heads: int
     head_dim: int
     tied_embeddings: bool
+    max_positions: int | None  # longest sequence the model's position encoding supports, when it says
     layers: tuple[LayerSpec, ...]  # compressible projections of the decoder blocks
     embedding_params: int  # token (and position) embeddings: a lookup, one row read per token
     lm_head_params: int  # the output projection (shares the embedding's storage when tied)

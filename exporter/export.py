@@ -6,7 +6,8 @@ llama.cpp do: generation needs nothing else, and all-position logits cost prompt
 int4, a dequantized fp32 copy of the lm_head while the prompt is processed (measured on SmolLM2-135M int4,
 256-token prompt: about 150 MiB of a 250 MiB peak).
 
-The graph comes from `torch.onnx.export(dynamo=True)` (factorized layers are two plain MatMuls), then:
+The graph comes from `torch.onnx.export(dynamo=True)` (factorized layers are two plain MatMuls), stripped of the
+exporter's debug records, then:
 1. transposed views of initializers are stored transposed, so a tied lm_head becomes a plain MatMul weight
    (which the quantizer can compress) instead of a Transpose the runtime would copy at load time;
 2. at int4 the weights are block-quantized by onnxruntime's MatMulNBits quantizer (exporter.quantize).
@@ -95,8 +96,18 @@ def export_reference(model: PreTrainedModel, spec: ModelSpec, path: Path) -> Non
             output_names=["logits", *present_names(spec.num_layers)],
             verbose=False,
         )
-    proto = fold_transposed_initializers(program.model_proto)
+    proto = fold_transposed_initializers(strip_debug_metadata(program.model_proto))
     save(proto, path)
+
+
+def strip_debug_metadata(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop the exporter's per-node debug records (FX node text, Python stack traces with per-process counters):
+    they make two exports of the same model differ byte for byte and carry nothing a runtime reads."""
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+    for info in [*proto.graph.value_info, *proto.graph.input, *proto.graph.output]:
+        del info.metadata_props[:]
+    return proto
 
 
 def fold_transposed_initializers(proto: onnx.ModelProto) -> onnx.ModelProto:

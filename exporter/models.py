@@ -220,6 +220,7 @@ def describe(model: PreTrainedModel) -> ModelSpec:
         num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
         tied_embeddings=tied,
+        max_positions=getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None),
         layers=layers,
         embedding_params=embedding_params,
         lm_head_params=lm_head_params,

@@ -19,11 +19,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from exporter import plan as planner
+from exporter.cache import TensorCache
 from exporter.contracts import RunResult, to_json
 from exporter.errors import UsageError, ValidationFailed
 from exporter.export import export_model
 from exporter.factorize import factorize_
-from exporter.models import describe, load_model
+from exporter.models import cache_dir, describe, load_model
 from exporter.profile import load_profile
 from exporter.report import budget_checks, print_summary, write_report
 from exporter.select import get_method
@@ -46,15 +47,14 @@ class RunConfig:
     seed: int = 0
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    use_cache: bool = True  # per-layer SVDs in <cache dir>/tensors, so a rerun after an interruption resumes
 
 
 def run(config: RunConfig, console: Console | None = None) -> RunResult:
     console = console or Console(stderr=True)
     profile = load_profile(config.device)
     task = get_task(config.task)
-    method = get_method(config.method)
-    if config.rank_multiple < 1:
-        raise UsageError(f"--rank-multiple {config.rank_multiple}: must be a positive integer")
+    method = get_method(config.method, TensorCache(cache_dir() / "tensors" if config.use_cache else None))
     torch.manual_seed(config.seed)
 
     with _progress(console) as progress:

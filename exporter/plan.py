@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from exporter.contracts import MIB, DeviceProfile, LayerPlan, ModelSpec, Prediction, RankPlan
-from exporter.errors import BudgetError
+from exporter.errors import BudgetError, UsageError
 from exporter.quantize import BITS, QUANT_BLOCK
 
 # onnxruntime's own allocations beyond weights, KV cache and activations (arena, graph, kernels' scratch),
@@ -110,7 +110,12 @@ def layers_at(spec: ModelSpec, keep_ratio: float, rank_multiple: int) -> tuple[L
 def make_plan(spec: ModelSpec, profile: DeviceProfile, rank_multiple: int = 8) -> RankPlan:
     """The largest uniform keep ratio whose predicted memory and latency meet the profile's budgets."""
     if rank_multiple < 1:
-        raise ValueError("rank_multiple must be positive")
+        raise UsageError(f"--rank-multiple {rank_multiple}: must be a positive integer")
+    if spec.max_positions and profile.context_length > spec.max_positions:
+        raise UsageError(
+            f"{profile.name}: context_length {profile.context_length} exceeds the {spec.max_positions} positions "
+            f"this {spec.model_type} model supports; lower context_length in the profile"
+        )
     dense = layers_at(spec, 1.0, rank_multiple)
     dense_predicted = predict_for_device(spec, dense, profile)
     if not _violations(dense_predicted, profile):

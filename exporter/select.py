@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from exporter.cache import TensorCache, tensor_key
 from exporter.errors import NumericalError, UsageError
 
 Needs = Literal["nothing", "activations", "gradients", "training"]
@@ -41,6 +42,9 @@ class SelectionMethod(ABC):
     needs: ClassVar[Needs]
     description: ClassVar[str]
 
+    def __init__(self, cache: TensorCache | None = None):
+        self.cache = cache or TensorCache(None)
+
     def collect(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], names: list[str]) -> dict:
         """Statistics per layer name; the default (for methods that need no data) is none."""
         return {}
@@ -58,9 +62,9 @@ def register(cls: type[SelectionMethod]) -> type[SelectionMethod]:
     return cls
 
 
-def get_method(name: str) -> SelectionMethod:
+def get_method(name: str, cache: TensorCache | None = None) -> SelectionMethod:
     try:
-        return _REGISTRY[name]()
+        return _REGISTRY[name](cache)
     except KeyError:
         raise UsageError(f"--method {name}: unknown method; choose one of {', '.join(sorted(_REGISTRY))}") from None
 
@@ -69,15 +73,22 @@ def method_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def svd(weight: torch.Tensor, layer: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def svd(
+    weight: torch.Tensor, layer: str = "", cache: TensorCache | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U, s, V^T of W in float64 (fp32 SVD loses the small singular values that truncation compares)."""
-    try:
-        u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
-    except RuntimeError as exc:  # LinAlgError subclasses RuntimeError
-        raise NumericalError(f"SVD of {layer or 'a layer'} failed: {str(exc).splitlines()[0]}") from None
-    if not torch.isfinite(s).all():
-        raise NumericalError(f"SVD of {layer or 'a layer'} produced non-finite singular values; check the weights")
-    return u, s, vh
+
+    def compute() -> dict[str, torch.Tensor]:
+        try:
+            u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+        except RuntimeError as exc:  # LinAlgError subclasses RuntimeError
+            raise NumericalError(f"SVD of {layer or 'a layer'} failed: {str(exc).splitlines()[0]}") from None
+        if not torch.isfinite(s).all():
+            raise NumericalError(f"SVD of {layer or 'a layer'} produced non-finite singular values; check the weights")
+        return {"u": u, "s": s, "vh": vh}
+
+    result = (cache or TensorCache(None)).get_or_compute(tensor_key("svd", weight), compute)
+    return result["u"], result["s"], result["vh"]
 
 
 def keep_top(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, bias, rank: int, dtype) -> Factors:
@@ -95,5 +106,5 @@ class TruncatedSVD(SelectionMethod):
     description = "plain truncated SVD (keeps the largest singular values)"
 
     def select(self, weight, bias, stats, rank):
-        u, s, vh = svd(weight)
+        u, s, vh = svd(weight, cache=self.cache)
         return keep_top(u, s, vh, bias, rank, weight.dtype)

@@ -8,7 +8,7 @@ import pytest
 from conftest import build_tiny
 
 from exporter.contracts import DeviceProfile, LayerSpec, ModelSpec
-from exporter.errors import BudgetError
+from exporter.errors import BudgetError, UsageError
 from exporter.models import describe, normalize_
 from exporter.plan import bytes_per_weight, layers_at, make_plan, predict_for_device
 
@@ -21,7 +21,7 @@ PROFILE = DeviceProfile(
 
 def spec_with(layers):
     return ModelSpec(model_type="llama", num_layers=1, hidden_size=64, vocab_size=100, num_attention_heads=4,
-                     num_kv_heads=2, head_dim=16, tied_embeddings=True, layers=tuple(layers),
+                     num_kv_heads=2, head_dim=16, tied_embeddings=True, max_positions=512, layers=tuple(layers),
                      embedding_params=6400, lm_head_params=6400, other_params=128)
 
 
@@ -72,6 +72,12 @@ def test_quantized_weights_are_smaller():
     sizes = [predict_for_device(spec, layers, dataclasses.replace(PROFILE, precision=p)).weights_bytes
              for p in ("fp32", "int4")]
     assert sizes == sorted(sizes, reverse=True)
+
+
+def test_context_beyond_the_model_is_a_usage_error():
+    spec = describe(normalize_(build_tiny("gpt2")))  # 256 learned positions
+    with pytest.raises(UsageError, match="exceeds the 256 positions"):
+        make_plan(spec, dataclasses.replace(PROFILE, context_length=1024))
 
 
 def test_plans_are_deterministic():

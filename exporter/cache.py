@@ -1,0 +1,66 @@
+"""An on-disk cache for expensive per-layer results (SVDs, importance scores), so a rerun resumes.
+
+Keys are content hashes of everything the result depends on (the weight matrix itself, the method, the
+calibration data's hash), so a stale entry can never be reused for other inputs. Entries are safetensors files
+written atomically (temporary file + rename): an interrupted write leaves no entry, never a torn one.
+Location: `<cache dir>/tensors/` (see models.cache_dir: `$EDGESLIM_CACHE`, else `~/.cache/edgeslim`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT = "v1"  # bump when what a key's computation returns changes
+
+
+class TensorCache:
+    """`folder` None disables caching (`--no-cache`): every call computes."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        self.hits = 0
+        self.misses = 0
+
+    def get_or_compute(self, key: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if self.folder is None:
+            return compute()
+        path = self.folder / f"{key}.safetensors"
+        if path.is_file():
+            try:
+                result = load_file(path)
+                self.hits += 1
+                return result
+            except Exception:  # a damaged entry is recomputed, never trusted
+                path.unlink(missing_ok=True)
+        result = compute()
+        self.misses += 1
+        self.folder.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.folder)
+        os.close(handle)
+        try:
+            save_file({k: v.contiguous() for k, v in result.items()}, tmp)
+            os.replace(tmp, path)
+        except OSError:
+            Path(tmp).unlink(missing_ok=True)  # a full disk costs the cache entry, not the run
+        return result
+
+
+def tensor_key(*parts: str | torch.Tensor) -> str:
+    """A hash of strings and tensors' exact bytes (dtype and shape included)."""
+    h = hashlib.sha256(FORMAT.encode())
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            data = part.detach().contiguous().cpu()
+            h.update(f"{data.dtype}{tuple(data.shape)}".encode())
+            h.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        else:
+            h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
