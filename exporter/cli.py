@@ -77,17 +77,21 @@ def _with(options):
 @click.option("--data-dir", default=None, help="Folder with gsm8k/, mbpp/, wikitext2/ (default: ../shared/data).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the per-layer cache (~/.cache/edgeslim).")
+@click.option("--calibration-samples", default=16, show_default=True, type=int,
+              help="Token windows of the task's calibration data (methods that need data).")
+@click.option("--calibration-seq-len", default=256, show_default=True, type=int)
 @_rank_multiple
 @_with(_safety)
 @_one_line_errors
-def export(device, model, task, method, out, data_dir, seed, no_cache, rank_multiple, allow_pickle,
-           trust_remote_code):
+def export(device, model, task, method, out, data_dir, seed, no_cache, calibration_samples, calibration_seq_len,
+           rank_multiple, allow_pickle, trust_remote_code):
     """Compress, export to ONNX, validate in onnxruntime and report."""
     from exporter.pipeline import RunConfig, run  # heavy imports only when a command runs
 
     result = run(RunConfig(device=device, model=model, task=task, method=method, out=out, data_dir=data_dir,
                            seed=seed, rank_multiple=rank_multiple, allow_pickle=allow_pickle,
-                           trust_remote_code=trust_remote_code, use_cache=not no_cache))
+                           trust_remote_code=trust_remote_code, use_cache=not no_cache,
+                           calibration_samples=calibration_samples, calibration_seq_len=calibration_seq_len))
     click.echo(f"wrote {result.artifact.folder}: validated, every budget met")
 
 

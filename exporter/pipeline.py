@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from exporter import plan as planner
 from exporter.cache import TensorCache
+from exporter.calibration import calibration_batches
 from exporter.contracts import RunResult, to_json
 from exporter.errors import UsageError, ValidationFailed
 from exporter.export import export_model
@@ -48,6 +49,8 @@ class RunConfig:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     use_cache: bool = True  # per-layer SVDs in <cache dir>/tensors, so a rerun after an interruption resumes
+    calibration_samples: int = 16  # windows of the task's calibration text, for methods that need data
+    calibration_seq_len: int = 256
 
 
 def run(config: RunConfig, console: Console | None = None) -> RunResult:
@@ -71,10 +74,17 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult:
         progress.update(stage, total=1, completed=1, description=f"loaded {loaded.name}")
 
         rank_plan = planner.make_plan(spec, profile, config.rank_multiple)
+        stats = {}
+        if method.needs != "nothing" and rank_plan.factorized:
+            calibration = calibration_batches(loaded.tokenizer, task.calibration(data_dir(config.data_dir)),
+                                              config.calibration_samples, config.calibration_seq_len, config.seed)
+            stage = progress.add_task(f"collecting {method.needs} ({calibration.tokens} tokens of {task.name})",
+                                      total=len(calibration.batches))
+            stats = method.collect(model, calibration, [layer.name for layer in rank_plan.factorized],
+                                   lambda: progress.advance(stage))
         stage = progress.add_task(f"selecting bases ({method.name})", total=len(rank_plan.factorized))
         with _single_thread():  # SVD on 2 threads of a busy machine can be 40x slower than on one
-            layer_results = factorize_(model, rank_plan, method, {},
-                                       on_layer=lambda _: progress.advance(stage))
+            layer_results = factorize_(model, rank_plan, method, stats, on_layer=lambda _: progress.advance(stage))
 
         with _staging(destination) as staging:
             stage = progress.add_task("exporting to ONNX", total=None)

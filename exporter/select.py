@@ -11,7 +11,7 @@ A numerical failure raises NumericalError naming the layer; nothing is ever sile
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from exporter.cache import TensorCache, tensor_key
+from exporter.calibration import Calibration
 from exporter.errors import NumericalError, UsageError
 
 Needs = Literal["nothing", "activations", "gradients", "training"]
@@ -45,8 +46,10 @@ class SelectionMethod(ABC):
     def __init__(self, cache: TensorCache | None = None):
         self.cache = cache or TensorCache(None)
 
-    def collect(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], names: list[str]) -> dict:
-        """Statistics per layer name; the default (for methods that need no data) is none."""
+    def collect(
+        self, model: nn.Module, calibration: Calibration, names: list[str], advance: Callable[[], None] = lambda: None
+    ) -> dict:
+        """Statistics per layer name (`advance` is called once per calibration batch); none by default."""
         return {}
 
     @abstractmethod
@@ -62,7 +65,14 @@ def register(cls: type[SelectionMethod]) -> type[SelectionMethod]:
     return cls
 
 
+def _register_builtin_methods() -> None:
+    """The data-aware methods live in their own modules, which register themselves when imported."""
+    import exporter.baselines
+    import exporter.importance  # noqa: F401
+
+
 def get_method(name: str, cache: TensorCache | None = None) -> SelectionMethod:
+    _register_builtin_methods()
     try:
         return _REGISTRY[name](cache)
     except KeyError:
@@ -70,6 +80,7 @@ def get_method(name: str, cache: TensorCache | None = None) -> SelectionMethod:
 
 
 def method_names() -> list[str]:
+    _register_builtin_methods()
     return sorted(_REGISTRY)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from exporter.errors import UsageError
 
 DEFAULT_TASK = "code"
+MAX_DATA_BYTES = 512 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,12 @@ def _read(path: Path) -> str:
     if not path.is_file():
         raise UsageError(f"data file {path} is missing; pass --data-dir pointing at a folder with gsm8k/, mbpp/, "
                          "wikitext2/ (see README)")
-    return path.read_text(encoding="utf-8")
+    if path.stat().st_size > MAX_DATA_BYTES:  # checked before anything is read into memory
+        raise UsageError(f"data file {path} is larger than {MAX_DATA_BYTES >> 20} MiB; pass a smaller sample")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"data file {path} is not UTF-8 text") from None
 
 
 def _jsonl(path: Path) -> list[dict]:

@@ -63,3 +63,19 @@ def test_out_is_a_file_exit_2(tmp_path, tiny_model_dir):
     target.write_text("x")
     result = invoke("export", "--device", str(profile), "--model", str(tiny_model_dir), "--out", str(target))
     assert result.exit_code == 2 and "is a file" in result.output
+
+
+def test_out_under_a_file_exit_2(tmp_path, tiny_model_dir):
+    profile = write_profile(tmp_path / "p.yaml")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = invoke("export", "--device", str(profile), "--model", str(tiny_model_dir), "--out",
+                    str(blocker / "out"))
+    assert result.exit_code == 2 and "is not a writable folder" in result.output
+
+
+def test_missing_data_dir_exit_2(tmp_path, tiny_model_dir):
+    profile = write_profile(tmp_path / "p.yaml")
+    result = invoke("export", "--device", str(profile), "--model", str(tiny_model_dir), "--task", "gsm8k",
+                    "--data-dir", str(tmp_path / "nowhere"))
+    assert result.exit_code == 2 and "is missing; pass --data-dir" in result.output

@@ -15,16 +15,28 @@ def weight():
     return torch.randn(48, 32)
 
 
+def synthetic_stats(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Statistics of every kind, as a calibration pass would produce (non-uniform, so scaling is exercised)."""
+    d_out, d_in = weight.shape
+    x = torch.randn(500, d_in, dtype=torch.float64) * torch.linspace(0.1, 3, d_in, dtype=torch.float64)
+    return {
+        "gram": x.T @ x / 500,
+        "abs_mean": x.abs().mean(0),
+        "row_fisher": torch.linspace(0.5, 2, d_out, dtype=torch.float64),
+        "importance": torch.rand(min(d_out, d_in), dtype=torch.float64),
+    }
+
+
 @pytest.mark.parametrize("name", method_names())
 def test_full_rank_reproduces_weight(name, weight):
-    factors = get_method(name).select(weight, None, None, 32)
+    factors = get_method(name).select(weight, None, synthetic_stats(weight), 32)
     assert torch.allclose(factors.second @ factors.first, weight, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", method_names())
 def test_rank_r_keeps_r_bases(name, weight):
     bias = torch.randn(48)
-    factors = get_method(name).select(weight, bias, None, 8)
+    factors = get_method(name).select(weight, bias, synthetic_stats(weight), 8)
     assert factors.first.shape == (8, 32) and factors.second.shape == (48, 8)
     assert factors.rank == 8
     assert torch.equal(factors.bias, bias)
@@ -48,3 +60,20 @@ def test_non_finite_weights_name_the_layer():
 def test_unknown_method_lists_the_known_ones():
     with pytest.raises(UsageError, match="choose one of .*svd"):
         get_method("nope")
+
+
+def test_svd_cache_resumes_and_can_be_disabled(tmp_path, weight):
+    from exporter.cache import TensorCache
+
+    cache = TensorCache(tmp_path)
+    first = get_method("svd", cache).select(weight, None, None, 8)
+    again = get_method("svd", cache).select(weight, None, None, 8)
+    assert (cache.misses, cache.hits) == (1, 1)
+    assert torch.equal(first.first, again.first) and torch.equal(first.second, again.second)
+    other = get_method("svd", cache).select(weight + 1, None, None, 8)  # other weights: another key
+    assert cache.misses == 2 and not torch.equal(other.first, first.first)
+    (next(tmp_path.glob("*.safetensors"))).write_bytes(b"torn")  # a damaged entry is recomputed
+    get_method("svd", cache).select(weight, None, None, 8)
+    disabled = TensorCache(None)
+    get_method("svd", disabled).select(weight, None, None, 8)
+    assert disabled.hits == disabled.misses == 0

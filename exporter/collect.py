@@ -1,0 +1,88 @@
+"""Calibration passes that collect per-layer statistics, for the methods that need the target data.
+
+Two kinds, as the methods declare (`needs`): activations (what enters each projection: forward hooks) and
+gradients (the next-token loss's gradient with respect to each projection's weight: one backward per batch).
+Hooks are removed and `requires_grad` flags restored whatever happens, so the model leaves as it came.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from exporter.calibration import Calibration
+
+Progress = Callable[[], None]
+
+
+@contextmanager
+def input_hooks(model: nn.Module, names: list[str], on_input: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """Call `on_input(name, x)` with the input of every named module on each forward."""
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(lambda _, args, name=name: on_input(name, args[0]))
+        for name in names
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def activation_stats(
+    model: nn.Module, calibration: Calibration, names: list[str], advance: Progress = lambda: None
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Per layer: `gram` = X^T X / n (d_in x d_in, float64) and `abs_mean` = mean |x| per input channel."""
+    stats: dict[str, dict[str, torch.Tensor]] = {}
+    tokens = 0
+
+    def accumulate(name: str, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).double()  # (tokens, d_in)
+        entry = stats.setdefault(name, {"gram": torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64),
+                                        "abs_mean": torch.zeros(flat.shape[1], dtype=torch.float64)})
+        entry["gram"] += flat.T @ flat
+        entry["abs_mean"] += flat.abs().sum(0)
+
+    with input_hooks(model, names, accumulate):
+        for batch in calibration.batches:
+            model(input_ids=batch)
+            tokens += batch.numel()
+            advance()
+    for entry in stats.values():
+        entry["gram"] /= tokens
+        entry["abs_mean"] /= tokens
+    return stats
+
+
+def gradient_passes(
+    model: nn.Module,
+    calibration: Calibration,
+    names: list[str],
+    on_gradient: Callable[[str, torch.Tensor], None],
+    advance: Progress = lambda: None,
+) -> None:
+    """For each batch: next-token loss, backward, then `on_gradient(name, dL/dW)` for every named projection."""
+    modules = {name: model.get_submodule(name) for name in names}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for module in modules.values():
+            module.weight.requires_grad_(True)
+        for batch in calibration.batches:
+            with torch.enable_grad():
+                loss = model(input_ids=batch, labels=batch).loss
+                loss.backward()
+            with torch.no_grad():
+                for name, module in modules.items():
+                    on_gradient(name, module.weight.grad)
+                    module.weight.grad = None
+            advance()
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = None

@@ -1,0 +1,136 @@
+"""Data-aware methods: each must beat plain SVD on the data it saw, at equal rank."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import build_tiny
+from exporter.calibration import calibration_batches
+from exporter.collect import activation_stats
+from exporter.contracts import RankPlan
+from exporter.errors import UsageError
+from exporter.factorize import factorize_
+from exporter.models import describe, normalize_
+from exporter.plan import layers_at
+from exporter.select import get_method
+
+
+def skewed_inputs(n: int, d_in: int) -> torch.Tensor:
+    torch.manual_seed(1)
+    mixing = torch.randn(d_in, d_in, dtype=torch.float64)
+    return (torch.randn(n, d_in, dtype=torch.float64) * torch.logspace(-2, 1, d_in, dtype=torch.float64)) @ mixing
+
+
+def test_svdllm_truncation_loss_is_the_dropped_singular_values():
+    torch.manual_seed(0)
+    weight = torch.randn(24, 16, dtype=torch.float64)
+    x = skewed_inputs(400, 16)
+    stats = {"gram": x.T @ x / 400}
+    method = get_method("svdllm")
+    factors = method.select(weight, None, stats, 6)
+    loss = ((weight - factors.second @ factors.first) @ x.T).square().sum() / 400
+    from exporter.baselines import whitening
+
+    dropped = torch.linalg.svdvals(weight @ whitening(stats["gram"]))[6:]
+    assert loss.item() == pytest.approx(dropped.square().sum().item(), rel=1e-8)
+
+
+@pytest.mark.parametrize("name", ["asvd", "svdllm"])
+def test_activation_aware_methods_beat_svd_on_their_data(name):
+    torch.manual_seed(0)
+    weight = torch.randn(32, 24, dtype=torch.float64)
+    x = skewed_inputs(600, 24)
+    stats = {"gram": x.T @ x / 600, "abs_mean": x.abs().mean(0)}
+
+    def output_error(method: str) -> float:
+        f = get_method(method).select(weight, None, stats, 8)
+        return ((weight - f.second @ f.first) @ x.T).norm().item()
+
+    assert output_error(name) < output_error("svd")
+
+
+def test_fwsvd_minimizes_the_fisher_weighted_error():
+    torch.manual_seed(0)
+    weight = torch.randn(32, 24, dtype=torch.float64)
+    fisher = torch.logspace(-2, 2, 32, dtype=torch.float64)
+
+    def weighted_error(method: str) -> float:
+        f = get_method(method).select(weight, None, {"row_fisher": fisher}, 8)
+        return (fisher[:, None] * (weight - f.second @ f.first).square()).sum().item()
+
+    assert weighted_error("fwsvd") < weighted_error("svd")
+
+
+def test_taylor_keeps_the_bases_the_loss_depends_on():
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(24, 24, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64))
+    s = torch.linspace(4, 0.5, 16, dtype=torch.float64)
+    weight = u[:, :16] @ torch.diag(s) @ v.T
+    importance = torch.zeros(16, dtype=torch.float64)
+    importance[-4:] = 1.0  # only the four smallest bases matter to the task
+    f = get_method("taylor").select(weight, None, {"importance": importance}, 4)
+    kept = torch.linalg.svdvals(f.second @ f.first)[:4]
+    assert torch.allclose(kept.sort().values, s[-4:].sort().values)
+
+
+def calibration_loss(model, calibration) -> float:
+    with torch.no_grad():
+        return sum(model(input_ids=b, labels=b).loss.item() for b in calibration.batches) / len(calibration.batches)
+
+
+@pytest.fixture(scope="module")
+def trained(tokenizer):
+    """A tiny Llama trained for a few seconds on standard-library code, and that code as calibration data:
+    a random model has no structure for a method to find (every basis is equally unimportant)."""
+    import sysconfig
+    from pathlib import Path
+
+    texts = [(Path(sysconfig.get_paths()["stdlib"]) / f).read_text() for f in ("textwrap.py", "shlex.py")]
+    calibration = calibration_batches(tokenizer, texts, samples=8, seq_len=64, seed=0)
+    model = normalize_(build_tiny("llama")).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(150):
+        batch = calibration.batches[step % len(calibration.batches)]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), calibration
+
+
+@pytest.mark.parametrize("name", ["svdllm", "asvd"])
+def test_methods_that_see_the_data_beat_svd_on_the_tiny_model(name, trained):
+    base, calibration = trained
+    spec = describe(base)
+    plan = RankPlan("t", "fp32", 0.4, 8, layers_at(spec, 0.4, 8), None, None)
+    names = [layer.name for layer in plan.factorized]
+    losses = {}
+    for method_name in ("svd", name):
+        model = copy.deepcopy(base)
+        method = get_method(method_name)
+        stats = method.collect(model, calibration, names)
+        factorize_(model, plan, method, stats)
+        losses[method_name] = calibration_loss(model, calibration)
+    assert losses[name] < losses["svd"], losses
+
+
+def test_activation_stats_leave_no_hooks(tokenizer):
+    model = normalize_(build_tiny("gpt2"))
+    calibration = calibration_batches(tokenizer, ["def f(x):\n    return x\n" * 40], 2, 32, 0)
+    names = [layer.name for layer in describe(model).layers]
+    stats = activation_stats(model, calibration, names)
+    assert set(stats) == set(names)
+    assert all(not model.get_submodule(n)._forward_pre_hooks for n in names)
+    gram = stats[names[0]]["gram"]
+    assert torch.allclose(gram, gram.T)
+
+
+def test_too_little_calibration_data_is_one_line(tokenizer):
+    with pytest.raises(UsageError, match="calibration data too small"):
+        calibration_batches(tokenizer, ["tiny"], samples=4, seq_len=256, seed=0)
+    with pytest.raises(UsageError, match="calibration-samples"):
+        calibration_batches(tokenizer, ["tiny"], samples=0, seq_len=256, seed=0)
