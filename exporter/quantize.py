@@ -47,21 +47,42 @@ def quantize_graph(reference: Path, precision: str) -> onnx.ModelProto:
     return quantizer.model.model
 
 
-def round_trip(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """Quantize and dequantize rows of `weight` in blocks of QUANT_BLOCK along the last axis, as MLAS does:
-    the block's range is widened to include 0, scale = range / (2^bits - 1), zero point rounded to an integer."""
+def round_trip(weight: torch.Tensor, bits: int, rounding: str = "mlas") -> torch.Tensor:
+    """Quantize and dequantize rows of `weight` in blocks of QUANT_BLOCK along the last axis, in float32 exactly
+    as onnxruntime does. The block's range is widened to include 0 and scale = range / (2^bits - 1). The two
+    quantizer paths differ only in rounding:
+    - "mlas" (MatMul weights, C++): zp = roundf(-min / scale), q = roundf(x * (1 / scale) + zp), halves away
+      from zero;
+    - "numpy" (embedding tables, Python): zp = round(-min / scale), q = round(x / scale + zp), halves to even.
+    """
     rows, cols = weight.shape
-    pad = (-cols) % QUANT_BLOCK
-    blocks = torch.nn.functional.pad(weight.float(), (0, pad)).reshape(rows, -1, QUANT_BLOCK)
     levels = 2**bits - 1
+    blocks = weight.float().reshape(rows, -1) if cols % QUANT_BLOCK == 0 else None
+    if blocks is None:  # the last block is partial: pad it with its own first value, which leaves min/max as is
+        pad = (-cols) % QUANT_BLOCK
+        padded = torch.cat([weight.float(), weight.float()[:, -1:].expand(rows, pad)], dim=1)
+        blocks = padded.reshape(rows, -1, QUANT_BLOCK)
+    else:
+        blocks = blocks.reshape(rows, -1, QUANT_BLOCK)
     low = blocks.amin(-1, keepdim=True).clamp(max=0)
     high = blocks.amax(-1, keepdim=True).clamp(min=0)
     scale = (high - low) / levels
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    zero = torch.round(-low / safe).clamp(0, levels)
-    q = torch.clamp(torch.round(blocks / safe + zero), 0, levels)
-    out = torch.where(scale == 0, torch.zeros_like(blocks), (q - zero) * scale)
+    zero_scale = scale == 0
+    safe = torch.where(zero_scale, torch.ones_like(scale), scale)
+    if rounding == "mlas":
+        zero = _round_half_away(-low / safe).clamp(0, levels)
+        q = _round_half_away(blocks * (1 / safe) + zero).clamp(0, levels)
+    else:
+        zero = torch.round(-low / safe).clamp(0, levels)
+        q = torch.round(blocks / safe + zero).clamp(0, levels)
+    out = torch.where(zero_scale, torch.zeros_like(blocks), (q - zero) * scale)
     return out.reshape(rows, -1)[:, :cols].to(weight.dtype)
+
+
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """C's roundf: to the nearest integer, halves away from zero (torch.round sends halves to even)."""
+    whole = torch.trunc(x)
+    return whole + torch.where((x - whole).abs() >= 0.5, torch.sign(x), torch.zeros_like(x))
 
 
 @torch.no_grad()
@@ -79,6 +100,8 @@ def fake_quantize_(model: nn.Module, precision: str) -> nn.Module:
     if head is not None and head.weight is model.get_input_embeddings().weight:
         head.weight = nn.Parameter(head.weight.clone())  # the graph stores a tied head as its own MatMul weight
     for module in model.modules():
-        if isinstance(module, nn.Linear | nn.Embedding):
-            module.weight.copy_(round_trip(module.weight, bits))
+        if isinstance(module, nn.Linear):
+            module.weight.copy_(round_trip(module.weight, bits, "mlas"))
+        elif isinstance(module, nn.Embedding):
+            module.weight.copy_(round_trip(module.weight, bits, "numpy"))
     return model
