@@ -30,10 +30,17 @@ class ASVD(SelectionMethod):
         return activation_stats(model, calibration, names, advance)
 
     def select(self, weight, bias, stats, rank):
-        scale = (stats["abs_mean"] + EPSILON) ** ASVD_ALPHA  # (d_in,)
+        scale = _asvd_scale(stats)
         u, s, vh = svd(weight.double() * scale, cache=self.cache)
         first = (s[:rank, None] * vh[:rank]) / scale
         return Factors(first=first.to(weight.dtype), second=u[:, :rank].to(weight.dtype), bias=bias)
+
+    def scores(self, weight, stats):
+        return svd(weight.double() * _asvd_scale(stats), cache=self.cache)[1].square()
+
+
+def _asvd_scale(stats) -> torch.Tensor:
+    return (stats["abs_mean"] + EPSILON) ** ASVD_ALPHA  # (d_in,)
 
 
 def whitening(gram: torch.Tensor, layer: str = "") -> torch.Tensor:
@@ -65,6 +72,10 @@ class SVDLLM(SelectionMethod):
         first = torch.linalg.solve_triangular(lower, s[:rank, None] * vh[:rank], upper=False, left=False)
         return Factors(first=first.to(weight.dtype), second=u[:, :rank].to(weight.dtype), bias=bias)
 
+    def scores(self, weight, stats):
+        # s_i^2 is exactly the output error per token that dropping basis i costs on the calibration data
+        return svd(weight.double() @ whitening(stats["gram"]), cache=self.cache)[1].square()
+
 
 @register
 class FWSVD(SelectionMethod):
@@ -84,7 +95,14 @@ class FWSVD(SelectionMethod):
         return fisher
 
     def select(self, weight, bias, stats, rank):
-        scale = (stats["row_fisher"] + EPSILON * float(stats["row_fisher"].mean() or 1.0)).sqrt()[:, None]
+        scale = _fisher_scale(stats)
         u, s, vh = svd(scale * weight.double(), cache=self.cache)
         return Factors(first=(s[:rank, None] * vh[:rank]).to(weight.dtype),
                        second=(u[:, :rank] / scale).to(weight.dtype), bias=bias)
+
+    def scores(self, weight, stats):
+        return svd(_fisher_scale(stats) * weight.double(), cache=self.cache)[1].square()
+
+
+def _fisher_scale(stats) -> torch.Tensor:
+    return (stats["row_fisher"] + EPSILON * float(stats["row_fisher"].mean() or 1.0)).sqrt()[:, None]

@@ -71,7 +71,7 @@ def _with(options):
 @_model
 @click.option("--task", default=DEFAULT_TASK, show_default=True, type=str,
               help=f"Target application: {', '.join(sorted(TASKS))}.")
-@click.option("--method", default="svd", show_default=True, type=str,
+@click.option("--method", default="svdllm", show_default=True, type=str,
               help=f"Basis selection method: {', '.join(method_names())}.")
 @click.option("--out", default=None, help="Output folder. Default: ./edgeslim-out/<model>-<device>/")
 @click.option("--data-dir", default=None, help="Folder with gsm8k/, mbpp/, wikitext2/ (default: ../shared/data).")
@@ -80,18 +80,21 @@ def _with(options):
 @click.option("--calibration-samples", default=16, show_default=True, type=int,
               help="Token windows of the task's calibration data (methods that need data).")
 @click.option("--calibration-seq-len", default=256, show_default=True, type=int)
+@click.option("--allocation", default="uniform", show_default=True,
+              help="uniform: one keep ratio for every layer; global: ranks follow the method's basis scores.")
 @_rank_multiple
 @_with(_safety)
 @_one_line_errors
 def export(device, model, task, method, out, data_dir, seed, no_cache, calibration_samples, calibration_seq_len,
-           rank_multiple, allow_pickle, trust_remote_code):
+           allocation, rank_multiple, allow_pickle, trust_remote_code):
     """Compress, export to ONNX, validate in onnxruntime and report."""
     from exporter.pipeline import RunConfig, run  # heavy imports only when a command runs
 
     result = run(RunConfig(device=device, model=model, task=task, method=method, out=out, data_dir=data_dir,
                            seed=seed, rank_multiple=rank_multiple, allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code, use_cache=not no_cache,
-                           calibration_samples=calibration_samples, calibration_seq_len=calibration_seq_len))
+                           calibration_samples=calibration_samples, calibration_seq_len=calibration_seq_len,
+                           allocation=allocation))
     click.echo(f"wrote {result.artifact.folder}: validated, every budget met")
 
 

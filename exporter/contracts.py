@@ -118,6 +118,7 @@ class RankPlan:
     layers: tuple[LayerPlan, ...]
     predicted: Prediction
     dense_predicted: Prediction  # the same model uncompressed, for comparison
+    allocation: str = "uniform"  # "uniform" (one keep ratio) or "global" (by the method's basis scores)
 
     @property
     def factorized(self) -> tuple[LayerPlan, ...]:

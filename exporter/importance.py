@@ -40,3 +40,6 @@ class TaylorImportance(SelectionMethod):
         keep = torch.topk(stats["importance"], rank).indices.sort().values
         return Factors(first=(s[keep, None] * vh[keep]).to(weight.dtype), second=u[:, keep].to(weight.dtype),
                        bias=bias)
+
+    def scores(self, weight, stats):
+        return stats["importance"].sort(descending=True).values

@@ -40,7 +40,7 @@ class RunConfig:
     device: str  # path of the device profile
     model: str | None = None  # None: the embedded default
     task: str = DEFAULT_TASK
-    method: str = "svd"
+    method: str = "svdllm"  # the best of the measured methods on SmolLM2 (README, "Selection methods")
     out: str | None = None  # None: ./edgeslim-out/<model>-<device>/
     rank_multiple: int = 8
     data_dir: str | None = None
@@ -49,6 +49,7 @@ class RunConfig:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     use_cache: bool = True  # per-layer SVDs in <cache dir>/tensors, so a rerun after an interruption resumes
+    allocation: str = "uniform"  # or "global": ranks follow the method's basis scores across layers
     calibration_samples: int = 16  # windows of the task's calibration text, for methods that need data
     calibration_seq_len: int = 256
 
@@ -57,6 +58,8 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult:
     console = console or Console(stderr=True)
     profile = load_profile(config.device)
     task = get_task(config.task)
+    if config.allocation not in ("uniform", "global"):
+        raise UsageError(f"--allocation {config.allocation}: choose uniform or global")
     method = get_method(config.method, TensorCache(cache_dir() / "tensors" if config.use_cache else None))
     torch.manual_seed(config.seed)
 
@@ -73,15 +76,25 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult:
         model, spec = loaded.model, describe(loaded.model)
         progress.update(stage, total=1, completed=1, description=f"loaded {loaded.name}")
 
-        rank_plan = planner.make_plan(spec, profile, config.rank_multiple)
+        rank_plan = planner.make_plan(spec, profile, config.rank_multiple)  # dense when the budget allows
         stats = {}
-        if method.needs != "nothing" and rank_plan.factorized:
-            calibration = calibration_batches(loaded.tokenizer, task.calibration(data_dir(config.data_dir)),
-                                              config.calibration_samples, config.calibration_seq_len, config.seed)
-            stage = progress.add_task(f"collecting {method.needs} ({calibration.tokens} tokens of {task.name})",
-                                      total=len(calibration.batches))
-            stats = method.collect(model, calibration, [layer.name for layer in rank_plan.factorized],
-                                   lambda: progress.advance(stage))
+        if rank_plan.factorized:
+            chosen = spec.layers if config.allocation == "global" else rank_plan.factorized
+            names = [layer.name for layer in chosen]
+            if method.needs != "nothing":
+                calibration = calibration_batches(loaded.tokenizer, task.calibration(data_dir(config.data_dir)),
+                                                  config.calibration_samples, config.calibration_seq_len, config.seed)
+                stage = progress.add_task(f"collecting {method.needs} ({calibration.tokens} tokens of {task.name})",
+                                          total=len(calibration.batches))
+                stats = method.collect(model, calibration, names, lambda: progress.advance(stage))
+            if config.allocation == "global":
+                stage = progress.add_task("scoring bases for allocation", total=len(names))
+                scores = {}
+                with _single_thread():
+                    for name in names:
+                        scores[name] = method.scores(model.get_submodule(name).weight.detach(), stats.get(name))
+                        progress.advance(stage)
+                rank_plan = planner.allocate(spec, profile, scores, config.rank_multiple)
         stage = progress.add_task(f"selecting bases ({method.name})", total=len(rank_plan.factorized))
         with _single_thread():  # SVD on 2 threads of a busy machine can be 40x slower than on one
             layer_results = factorize_(model, rank_plan, method, stats, on_layer=lambda _: progress.advance(stage))

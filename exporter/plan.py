@@ -14,15 +14,22 @@ The cost model is a roofline, deliberately simple so its assumptions can be read
   attention. The per-node term matters for small models: SmolLM2-135M's graph has ~2,250 nodes, and at ~5 µs a
   node onnxruntime spends more time dispatching than computing a decode step on a desktop CPU.
 
-Allocation: one keep ratio `a` for every projection (rank = a x break-even rank, rounded to a multiple of 8); the
-largest `a` that meets every budget wins. A layer whose rank would reach its break-even rank stays dense.
+Allocation, two ways (the same budget rule, the same rounding to a multiple of 8, the same break-even rule: a layer
+whose rank would reach d_in*d_out/(d_in+d_out) stays dense):
+- `make_plan` (uniform): one keep ratio `a` for every projection (rank = a x break-even rank); the largest `a`
+  that meets every budget wins. Needs nothing but shapes.
+- `allocate` (global): ranks spent where the selection method's scores say bases matter most per byte.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
+from dataclasses import replace
 
-from exporter.contracts import MIB, DeviceProfile, LayerPlan, ModelSpec, Prediction, RankPlan
+import torch
+
+from exporter.contracts import MIB, DeviceProfile, LayerPlan, LayerSpec, ModelSpec, Prediction, RankPlan
 from exporter.errors import BudgetError, UsageError
 from exporter.quantize import BITS, QUANT_BLOCK
 
@@ -109,25 +116,12 @@ def layers_at(spec: ModelSpec, keep_ratio: float, rank_multiple: int) -> tuple[L
 
 def make_plan(spec: ModelSpec, profile: DeviceProfile, rank_multiple: int = 8) -> RankPlan:
     """The largest uniform keep ratio whose predicted memory and latency meet the profile's budgets."""
-    if rank_multiple < 1:
-        raise UsageError(f"--rank-multiple {rank_multiple}: must be a positive integer")
-    if spec.max_positions and profile.context_length > spec.max_positions:
-        raise UsageError(
-            f"{profile.name}: context_length {profile.context_length} exceeds the {spec.max_positions} positions "
-            f"this {spec.model_type} model supports; lower context_length in the profile"
-        )
+    _check_limits(spec, profile, rank_multiple)
     dense = layers_at(spec, 1.0, rank_multiple)
     dense_predicted = predict_for_device(spec, dense, profile)
     if not _violations(dense_predicted, profile):
         return _plan(spec, profile, dense, rank_multiple, dense_predicted)
-    smallest = layers_at(spec, 0.0, rank_multiple)
-    violations = _violations(predict_for_device(spec, smallest, profile), profile)
-    if violations:
-        raise BudgetError(
-            f"{profile.name}: no plan fits: even with every projection at rank {rank_multiple}, "
-            + "; ".join(violations)
-            + ". Raise the budget, shorten context_length or choose a lower precision"
-        )
+    _raise_if_impossible(spec, profile, layers_at(spec, 0.0, rank_multiple), rank_multiple)
     low, high = 0.0, 1.0  # low always fits, high never does
     for _ in range(_SEARCH_STEPS):
         mid = (low + high) / 2
@@ -137,6 +131,73 @@ def make_plan(spec: ModelSpec, profile: DeviceProfile, rank_multiple: int = 8) -
             low = mid
     layers = layers_at(spec, low, rank_multiple)
     return _plan(spec, profile, layers, rank_multiple, dense_predicted)
+
+
+def allocate(
+    spec: ModelSpec, profile: DeviceProfile, scores: dict[str, torch.Tensor], rank_multiple: int = 8
+) -> RankPlan:
+    """Budget-driven allocation: ranks chosen across all layers by what each kept basis is worth per byte.
+
+    `scores[name]` holds, in the order the selection method keeps bases, what keeping each one is worth (its
+    share of the loss the method estimates). Starting from every projection at `rank_multiple`, the next
+    `rank_multiple` bases of whichever layer offer the most score per weight are added, until the budget is
+    spent; a layer whose rank reaches its break-even rank turns dense (all its bases, d_in*d_out weights).
+    Gains within a layer only shrink, so the greedy order is the knapsack's fractional optimum.
+    """
+    _check_limits(spec, profile, rank_multiple)
+    dense = layers_at(spec, 1.0, rank_multiple)
+    dense_predicted = predict_for_device(spec, dense, profile)
+    if not _violations(dense_predicted, profile):
+        return _plan(spec, profile, dense, rank_multiple, dense_predicted)
+    start = {layer.name: rank_multiple for layer in spec.layers}
+    _raise_if_impossible(spec, profile, _ranked_layers(spec, start), rank_multiple)
+    steps = _greedy_steps(spec, scores, rank_multiple)
+
+    def state(count: int) -> tuple[LayerPlan, ...]:
+        ranks = dict(start)
+        for name, rank in steps[:count]:
+            ranks[name] = rank
+        return _ranked_layers(spec, ranks)
+
+    low, high = 0, len(steps)  # state(low) fits; find the longest prefix that still fits
+    while low < high:
+        mid = (low + high + 1) // 2
+        if _violations(predict_for_device(spec, state(mid), profile), profile):
+            high = mid - 1
+        else:
+            low = mid
+    return replace(_plan(spec, profile, state(low), rank_multiple, dense_predicted), allocation="global")
+
+
+def _greedy_steps(spec: ModelSpec, scores: dict[str, torch.Tensor], multiple: int) -> list[tuple[str, int | None]]:
+    """Every (layer, new rank) step in greedy order; None as the rank means the layer turns dense."""
+
+    def next_step(layer: LayerSpec, rank: int) -> tuple[float, int | None, int] | None:
+        values = scores[layer.name].double()
+        following = rank + multiple
+        if following >= layer.break_even_rank:  # the next step keeps everything: the dense matrix
+            gain, cost, new_rank = float(values[rank:].sum()), layer.params - rank * (layer.d_in + layer.d_out), None
+        else:
+            gain, cost, new_rank = float(values[rank:following].sum()), multiple * (layer.d_in + layer.d_out), following
+        return -gain / max(cost, 1), new_rank, rank
+
+    heap = []
+    for index, layer in enumerate(spec.layers):
+        priority, new_rank, _ = next_step(layer, multiple)
+        heapq.heappush(heap, (priority, index, new_rank))
+    steps = []
+    while heap:
+        _, index, new_rank = heapq.heappop(heap)
+        layer = spec.layers[index]
+        steps.append((layer.name, new_rank))
+        if new_rank is not None:
+            priority, following, _ = next_step(layer, new_rank)
+            heapq.heappush(heap, (priority, index, following))
+    return steps
+
+
+def _ranked_layers(spec: ModelSpec, ranks: dict[str, int | None]) -> tuple[LayerPlan, ...]:
+    return tuple(LayerPlan(layer.name, layer.d_in, layer.d_out, ranks[layer.name]) for layer in spec.layers)
 
 
 def _plan(spec, profile, layers, rank_multiple, dense_predicted) -> RankPlan:
@@ -150,6 +211,26 @@ def _plan(spec, profile, layers, rank_multiple, dense_predicted) -> RankPlan:
         predicted=predict_for_device(spec, layers, profile),
         dense_predicted=dense_predicted,
     )
+
+
+def _check_limits(spec: ModelSpec, profile: DeviceProfile, rank_multiple: int) -> None:
+    if rank_multiple < 1:
+        raise UsageError(f"--rank-multiple {rank_multiple}: must be a positive integer")
+    if spec.max_positions and profile.context_length > spec.max_positions:
+        raise UsageError(
+            f"{profile.name}: context_length {profile.context_length} exceeds the {spec.max_positions} positions "
+            f"this {spec.model_type} model supports; lower context_length in the profile"
+        )
+
+
+def _raise_if_impossible(spec, profile, smallest: tuple[LayerPlan, ...], rank_multiple: int) -> None:
+    violations = _violations(predict_for_device(spec, smallest, profile), profile)
+    if violations:
+        raise BudgetError(
+            f"{profile.name}: no plan fits: even with every projection at rank {rank_multiple}, "
+            + "; ".join(violations)
+            + ". Raise the budget, shorten context_length or choose a lower precision"
+        )
 
 
 def _violations(p: Prediction, profile: DeviceProfile) -> list[str]:

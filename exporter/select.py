@@ -56,6 +56,11 @@ class SelectionMethod(ABC):
     def select(self, weight: torch.Tensor, bias: torch.Tensor | None, stats: Any, rank: int) -> Factors:
         """Factors of rank `rank` for W (d_out x d_in)."""
 
+    @abstractmethod
+    def scores(self, weight: torch.Tensor, stats: Any) -> torch.Tensor:
+        """What keeping each basis is worth, in the order `select` keeps them (so non-increasing): the
+        budget-driven allocation (plan.allocate) compares these across layers."""
+
 
 _REGISTRY: dict[str, type[SelectionMethod]] = {}
 
@@ -119,3 +124,6 @@ class TruncatedSVD(SelectionMethod):
     def select(self, weight, bias, stats, rank):
         u, s, vh = svd(weight, cache=self.cache)
         return keep_top(u, s, vh, bias, rank, weight.dtype)
+
+    def scores(self, weight, stats):
+        return svd(weight, cache=self.cache)[1].square()  # each basis's share of ||W||_F^2

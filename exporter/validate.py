@@ -27,6 +27,7 @@ import torch
 from transformers import PreTrainedModel
 
 from exporter.contracts import DeviceProfile, Measurement, OnnxArtifact, ParityResult
+from exporter.evaluate import top1_agreement
 from exporter.measure import empty_past, feed, kv_layout, session
 from exporter.quantize import fake_quantize_
 
@@ -132,13 +133,6 @@ def validate_parity(
             results.append(result)
     agreement = None if len(graphs) == 1 else top1_agreement(model, graphs[1][2], prompts)
     return results, missing, agreement
-
-
-@torch.no_grad()
-def top1_agreement(model: PreTrainedModel, other: PreTrainedModel, prompts: list[torch.Tensor]) -> float:
-    """Fraction of prompt positions where both models predict the same next token."""
-    same = sum(int((model(ids).logits.argmax(-1) == other(ids).logits.argmax(-1)).sum()) for ids in prompts)
-    return same / sum(ids.numel() for ids in prompts)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import build_tiny
+
 from exporter.calibration import calibration_batches
 from exporter.collect import activation_stats
 from exporter.contracts import RankPlan

@@ -45,3 +45,17 @@ def test_export_validates_each_precision(tmp_path, tiny_model_dir, precision):
         assert f"shipped {precision}" in graphs
     assert "XnnpackExecutionProvider" in report["providers_not_available"]
     assert report["measurement"]["peak_memory_bytes"] > 0
+
+
+@pytest.mark.parametrize("arch", ["qwen2"], indirect=True)
+def test_data_aware_method_with_global_allocation(tmp_path, tiny_model_dir):
+    profile = write_profile(tmp_path / "p.yaml")
+    out = tmp_path / "out"
+    result = run(RunConfig(device=str(profile), model=str(tiny_model_dir), out=str(out), parity_prompts=1,
+                           method="svdllm", allocation="global", calibration_samples=4, calibration_seq_len=32))
+    assert result.passed, result.failures
+    assert result.plan.allocation == "global" and result.method == "svdllm"
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["allocation"] == "global"
+    ranks = {layer["rank"] for layer in plan["layers"]}
+    assert len(ranks) > 1, "global allocation gives layers different ranks"

@@ -84,3 +84,24 @@ def test_plans_are_deterministic():
     spec = describe(normalize_(build_tiny("llama")))
     profile = dataclasses.replace(PROFILE, prefill_ms=0.5)
     assert make_plan(spec, profile) == make_plan(spec, profile)
+
+
+def test_global_allocation_spends_bytes_where_scores_are_high():
+    import torch
+
+    from exporter.plan import allocate
+
+    spec = spec_with([LayerSpec("important", 64, 64, False), LayerSpec("unimportant", 64, 64, False)])
+    scores = {"important": torch.linspace(100, 1, 64), "unimportant": torch.linspace(1, 0.01, 64)}
+    dense = predict_for_device(spec, layers_at(spec, 1.0, 8), PROFILE)
+    small = predict_for_device(spec, layers_at(spec, 0.0, 8), PROFILE)
+    profile = dataclasses.replace(PROFILE, prefill_ms=(dense.prefill_ms + small.prefill_ms) / 2)
+    plan = allocate(spec, profile, scores)
+    ranks = {layer.name: layer.rank for layer in plan.layers}
+    assert plan.allocation == "global"
+    assert plan.predicted.prefill_ms <= profile.prefill_ms
+    assert ranks["unimportant"] == 8
+    assert ranks["important"] is None or ranks["important"] > 8
+    assert all(rank is None or rank % 8 == 0 for rank in ranks.values())
+    uniform = make_plan(spec, profile)
+    assert plan.predicted.prefill_ms >= uniform.predicted.prefill_ms - 1e-9  # spends at least as much budget

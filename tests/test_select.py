@@ -42,6 +42,13 @@ def test_rank_r_keeps_r_bases(name, weight):
     assert torch.equal(factors.bias, bias)
 
 
+@pytest.mark.parametrize("name", method_names())
+def test_scores_follow_the_order_bases_are_kept(name, weight):
+    scores = get_method(name).scores(weight, synthetic_stats(weight))
+    assert scores.shape == (32,)
+    assert torch.all(scores[:-1] >= scores[1:]) and torch.all(scores >= 0)
+
+
 def test_svd_truncation_error_is_the_dropped_singular_values(weight):
     factors = get_method("svd").select(weight, None, None, 10)
     s = torch.linalg.svdvals(weight.double())

@@ -1,0 +1,142 @@
+"""Benchmark: selection methods compared at equal bytes on the real default model (SmolLM2-135M-Instruct).
+
+For each method and each budget (fraction of the decoder projections' weights kept, the same ranks for every
+method), it compresses the model with calibration data of the target task and reports, side by side:
+held-out target-task perplexity (answers given their prompts, from the task's test split), general perplexity
+(WikiText-2 test), top-1 agreement with the dense model on the target prompts, and the compression's wall time
+and peak memory growth. Writes a Markdown table and a size-vs-perplexity plot.
+
+    python scripts/bench_quality.py [--task gsm8k] [--methods svd,asvd,fwsvd,svdllm,taylor] [--keep 0.8,0.6,0.4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from exporter.cache import TensorCache
+from exporter.calibration import calibration_batches
+from exporter.contracts import RankPlan
+from exporter.evaluate import answer_perplexity, top1_agreement
+from exporter.factorize import factorize_
+from exporter.models import cache_dir, describe, load_model
+from exporter.plan import layers_at
+from exporter.select import get_method
+from exporter.tasks import data_dir, get_task, sample
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class PeakMemory:
+    """Peak resident set growth of this process while the block runs (sampled every 10 ms)."""
+
+    def __enter__(self):
+        self.process = psutil.Process()
+        self.baseline = self.peak = self.process.memory_info().rss
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.01)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        return False
+
+    @property
+    def growth_mib(self) -> float:
+        return (self.peak - self.baseline) / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--task", default="gsm8k")
+    parser.add_argument("--methods", default="svd,asvd,fwsvd,svdllm,taylor")
+    parser.add_argument("--keep", default="0.8,0.6,0.4")
+    parser.add_argument("--items", type=int, default=48, help="held-out items per perplexity")
+    parser.add_argument("--calibration-samples", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=256)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    loaded = load_model(None)
+    dense, tokenizer = loaded.model, loaded.tokenizer
+    spec = describe(dense)
+    task, general = get_task(args.task), get_task("wikitext")
+    root = data_dir()
+    target_pairs = sample(task.heldout(root), args.items, 0)
+    general_pairs = sample(general.heldout(root), args.items // 2, 0)
+    prompts = [tokenizer(p + a, return_tensors="pt").input_ids[:, :256] for p, a in target_pairs[:16]]
+    calibration = calibration_batches(tokenizer, task.calibration(root), args.calibration_samples, args.seq_len, 0)
+    cache = TensorCache(cache_dir() / "tensors")
+
+    print(f"machine: {platform.platform()}, {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}")
+    print(f"model: {loaded.name}; task {task.name}: calibration {calibration.tokens} tokens of train data, "
+          f"held-out {len(target_pairs)} test items; general: {len(general_pairs)} WikiText-2 test paragraphs")
+    header = ["method", "kept", "target ppl", "wikitext ppl", "top-1 vs dense", "time s", "peak MiB"]
+    rows = [["dense", "100%", f"{answer_perplexity(dense, tokenizer, target_pairs):.2f}",
+             f"{answer_perplexity(dense, tokenizer, general_pairs):.2f}", "100.0%", "", ""]]
+    print(" | ".join(header))
+    print(" | ".join(rows[0]), flush=True)
+    for keep in (float(k) for k in args.keep.split(",")):
+        layers = layers_at(spec, keep, 8)
+        plan = RankPlan("bench", "fp32", keep, 8, layers, None, None)
+        names = [layer.name for layer in plan.factorized]
+        for name in args.methods.split(","):
+            model = copy.deepcopy(dense)
+            method = get_method(name, cache)
+            start = time.perf_counter()
+            with PeakMemory() as memory:
+                stats = method.collect(model, calibration, names)
+                torch.set_num_threads(1)
+                factorize_(model, plan, method, stats)
+                torch.set_num_threads(os.cpu_count() or 1)
+            seconds = time.perf_counter() - start
+            row = [name, f"{keep:.0%}", f"{answer_perplexity(model, tokenizer, target_pairs):.2f}",
+                   f"{answer_perplexity(model, tokenizer, general_pairs):.2f}",
+                   f"{top1_agreement(dense, model, prompts):.1%}", f"{seconds:.0f}", f"{memory.growth_mib:.0f}"]
+            rows.append(row)
+            print(" | ".join(row), flush=True)
+            del model, stats
+    write(rows, header, task.name)
+
+
+def write(rows: list[list[str]], header: list[str], task: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    RESULTS.mkdir(exist_ok=True)
+    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    table += ["| " + " | ".join(row) + " |" for row in rows]
+    (RESULTS / f"bench_quality_{task}.md").write_text("\n".join(table) + "\n")
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(row[0] for row in rows[1:]):
+        points = [(float(r[1].rstrip("%")), float(r[2])) for r in rows[1:] if r[0] == method]
+        axis.plot(*zip(*sorted(points), strict=True), marker="o", label=method)
+    axis.axhline(float(rows[0][2]), color="gray", linestyle="--", label="dense")
+    axis.set_xlabel("decoder projection weights kept (%)")
+    axis.set_ylabel(f"{task} held-out perplexity (log)")
+    axis.set_yscale("log")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(RESULTS / f"bench_quality_{task}.png", dpi=120)
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
