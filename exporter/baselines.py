@@ -20,14 +20,19 @@ ASVD_ALPHA = 0.5
 EPSILON = 1e-6
 
 
-@register
-class ASVD(SelectionMethod):
-    name = "asvd"
-    needs = "activations"
-    description = "activation-aware SVD: input channels scaled by mean |x|^0.5"
+class ActivationAware(SelectionMethod):
+    """Methods that learn from what enters each projection: one forward pass over the calibration data."""
 
-    def collect(self, model, calibration, names, advance=lambda: None):
+    needs = "activations"
+
+    def collect(self, model, calibration, names, advance=lambda: None, ranks=None):
         return activation_stats(model, calibration, names, advance)
+
+
+@register
+class ASVD(ActivationAware):
+    name = "asvd"
+    description = "activation-aware SVD: input channels scaled by mean |x|^0.5"
 
     def select(self, weight, bias, stats, rank):
         scale = _asvd_scale(stats)
@@ -57,13 +62,9 @@ def whitening(gram: torch.Tensor, layer: str = "") -> torch.Tensor:
 
 
 @register
-class SVDLLM(SelectionMethod):
+class SVDLLM(ActivationAware):
     name = "svdllm"
-    needs = "activations"
     description = "SVD-LLM: truncation-aware whitening by the Cholesky factor of the inputs' Gram matrix"
-
-    def collect(self, model, calibration, names, advance=lambda: None):
-        return activation_stats(model, calibration, names, advance)
 
     def select(self, weight, bias, stats, rank):
         lower = whitening(stats["gram"])
@@ -83,7 +84,7 @@ class FWSVD(SelectionMethod):
     needs = "gradients"
     description = "Fisher-weighted SVD: rows scaled by the square root of their summed squared gradients"
 
-    def collect(self, model, calibration, names, advance=lambda: None):
+    def collect(self, model, calibration, names, advance=lambda: None, ranks=None):
         fisher: dict[str, dict[str, torch.Tensor]] = {}
 
         def accumulate(name, grad):

@@ -20,7 +20,7 @@ class TaylorImportance(SelectionMethod):
     needs = "gradients"
     description = "one-shot basis selection by first-order Taylor importance |g_i s_i| on the task's data"
 
-    def collect(self, model, calibration, names, advance=lambda: None):
+    def collect(self, model, calibration, names, advance=lambda: None, ranks=None):
         bases = {}
         for name in names:
             u, s, vh = svd(model.get_submodule(name).weight, name, cache=self.cache)

@@ -61,6 +61,8 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult:
     if config.allocation not in ("uniform", "global"):
         raise UsageError(f"--allocation {config.allocation}: choose uniform or global")
     method = get_method(config.method, TensorCache(cache_dir() / "tensors" if config.use_cache else None))
+    if method.needs == "training" and config.allocation == "global":
+        raise UsageError(f"--method {method.name} prunes to planned ranks while training; use --allocation uniform")
     torch.manual_seed(config.seed)
 
     with _progress(console) as progress:
@@ -85,8 +87,9 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult:
                 calibration = calibration_batches(loaded.tokenizer, task.calibration(data_dir(config.data_dir)),
                                                   config.calibration_samples, config.calibration_seq_len, config.seed)
                 stage = progress.add_task(f"collecting {method.needs} ({calibration.tokens} tokens of {task.name})",
-                                          total=len(calibration.batches))
-                stats = method.collect(model, calibration, names, lambda: progress.advance(stage))
+                                          total=method.passes * len(calibration.batches))
+                ranks = {layer.name: layer.rank for layer in rank_plan.factorized}
+                stats = method.collect(model, calibration, names, lambda: progress.advance(stage), ranks)
             if config.allocation == "global":
                 stage = progress.add_task("scoring bases for allocation", total=len(names))
                 scores = {}

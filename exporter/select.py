@@ -46,10 +46,18 @@ class SelectionMethod(ABC):
     def __init__(self, cache: TensorCache | None = None):
         self.cache = cache or TensorCache(None)
 
+    passes: ClassVar[int] = 1  # passes over the calibration data that `collect` makes (for progress bars)
+
     def collect(
-        self, model: nn.Module, calibration: Calibration, names: list[str], advance: Callable[[], None] = lambda: None
+        self,
+        model: nn.Module,
+        calibration: Calibration,
+        names: list[str],
+        advance: Callable[[], None] = lambda: None,
+        ranks: dict[str, int] | None = None,
     ) -> dict:
-        """Statistics per layer name (`advance` is called once per calibration batch); none by default."""
+        """Statistics per layer name (`advance` is called once per batch and pass); none by default. `ranks`
+        (the plan's) matters only to methods that prune while they train."""
         return {}
 
     @abstractmethod
@@ -72,8 +80,7 @@ def register(cls: type[SelectionMethod]) -> type[SelectionMethod]:
 
 def _register_builtin_methods() -> None:
     """The data-aware methods live in their own modules, which register themselves when imported."""
-    import exporter.baselines
-    import exporter.importance  # noqa: F401
+    from exporter import baselines, importance, relearn  # noqa: F401
 
 
 def get_method(name: str, cache: TensorCache | None = None) -> SelectionMethod:

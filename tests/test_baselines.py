@@ -134,3 +134,35 @@ def test_too_little_calibration_data_is_one_line(tokenizer):
         calibration_batches(tokenizer, ["tiny"], samples=4, seq_len=256, seed=0)
     with pytest.raises(UsageError, match="calibration-samples"):
         calibration_batches(tokenizer, ["tiny"], samples=0, seq_len=256, seed=0)
+
+
+def test_basel_relearning_beats_svd_on_its_training_data(trained):
+    base, calibration = trained
+    spec = describe(base)
+    plan = RankPlan("t", "fp32", 0.4, 8, layers_at(spec, 0.4, 8), None, None)
+    names = [layer.name for layer in plan.factorized]
+    ranks = {layer.name: layer.rank for layer in plan.factorized}
+    losses = {}
+    for method_name in ("svd", "basel"):
+        model = copy.deepcopy(base)
+        method = get_method(method_name)
+        stats = method.collect(model, calibration, names, ranks=ranks)
+        assert all(isinstance(model.get_submodule(n), torch.nn.Linear) for n in names), "collect restores modules"
+        factorize_(model, plan, method, stats)
+        losses[method_name] = calibration_loss(model, calibration)
+    assert losses["basel"] < losses["svd"], losses
+
+
+def test_basis_linear_starts_as_the_original_layer_and_prunes_to_count():
+    from exporter.relearn import BasisLinear
+    from exporter.select import svd
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 24)
+    u, s, vh = svd(linear.weight)
+    layer = BasisLinear(u, s, vh, linear.bias.detach())
+    x = torch.randn(5, 16)
+    assert torch.allclose(layer(x), linear(x), atol=1e-5)
+    layer.prune_to(6)
+    assert int(layer.mask.sum()) == 6
+    assert torch.linalg.matrix_rank(layer.merged()) <= 6

@@ -82,8 +82,11 @@ def test_context_beyond_the_model_is_a_usage_error():
 
 def test_plans_are_deterministic():
     spec = describe(normalize_(build_tiny("llama")))
-    profile = dataclasses.replace(PROFILE, prefill_ms=0.5)
+    dense = predict_for_device(spec, layers_at(spec, 1.0, 8), PROFILE)
+    small = predict_for_device(spec, layers_at(spec, 0.0, 8), PROFILE)
+    profile = dataclasses.replace(PROFILE, prefill_ms=(dense.prefill_ms + small.prefill_ms) / 2)
     assert make_plan(spec, profile) == make_plan(spec, profile)
+    assert make_plan(spec, profile).factorized
 
 
 def test_global_allocation_spends_bytes_where_scores_are_high():

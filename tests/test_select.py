@@ -24,6 +24,7 @@ def synthetic_stats(weight: torch.Tensor) -> dict[str, torch.Tensor]:
         "abs_mean": x.abs().mean(0),
         "row_fisher": torch.linspace(0.5, 2, d_out, dtype=torch.float64),
         "importance": torch.rand(min(d_out, d_in), dtype=torch.float64),
+        "weight": weight,  # a relearned matrix (basel): here the original
     }
 
 

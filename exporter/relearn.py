@@ -1,0 +1,124 @@
+"""Basis selection by relearning (Basel, Li et al., arXiv 2405.15877), sized for a CPU and minutes.
+
+Each planned projection W = U diag(s) V^T becomes a BasisLinear: U and V^T frozen, the coefficients trainable as
+w with s = w^2 (so they stay non-negative), plus new bases A·B (rank `NEW_BASES`, A zero-initialised so training
+starts from the original model). The coefficients are trained on the task's calibration data with the ordinary
+next-token loss; after a first epoch of relearning only, the smallest relearned coefficients of each layer are
+masked out permanently in `PRUNE_STEPS` small steps, the kept count shrinking geometrically to the planned rank.
+The result per layer is the merged matrix U diag(w^2 * mask) V^T + A·B, which `select` re-decomposes into the
+two factors. Differences from the paper: fewer steps, short sequences and a sample of the data; pruning by count
+(so each layer lands exactly on its planned rank) rather than by coefficient mass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from exporter.select import SelectionMethod, keep_top, register, svd
+
+NEW_BASES = 32
+EPOCHS = 3
+PRUNE_STEPS = 20
+LEARNING_RATE = 2e-3
+
+
+class BasisLinear(nn.Module):
+    """y = U (w^2 * mask * (V^T x)) + A (B x) + bias, with U and V^T frozen."""
+
+    def __init__(self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("u", u.float().contiguous())
+        self.register_buffer("vh", vh.float().contiguous())
+        self.register_buffer("mask", torch.ones_like(s, dtype=torch.float32))
+        self.w = nn.Parameter(s.float().sqrt())
+        self.a = nn.Parameter(torch.zeros(u.shape[0], NEW_BASES))
+        self.b = nn.Parameter(torch.randn(NEW_BASES, vh.shape[1]) / vh.shape[1] ** 0.5)
+        self.bias = None if bias is None else nn.Parameter(bias.float().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        coefficients = self.w.square() * self.mask
+        y = ((x @ self.vh.T) * coefficients) @ self.u.T + (x @ self.b.T) @ self.a.T
+        return y if self.bias is None else y + self.bias
+
+    @torch.no_grad()
+    def prune_to(self, count: int) -> None:
+        """Mask all but the `count` largest relearned coefficients (masked ones never come back)."""
+        coefficients = self.w.square() * self.mask
+        if int(self.mask.sum()) > count:
+            keep = torch.topk(coefficients, count).indices
+            self.mask.zero_()
+            self.mask[keep] = 1.0
+
+    @torch.no_grad()
+    def merged(self) -> torch.Tensor:
+        return (self.u * (self.w.square() * self.mask)) @ self.vh + self.a @ self.b
+
+
+@register
+class Basel(SelectionMethod):
+    name = "basel"
+    needs = "training"
+    passes = EPOCHS
+    description = "Basel: relearn basis coefficients (plus new bases) on the task's data, prune to the rank"
+
+    def collect(self, model, calibration, names, advance=lambda: None, ranks=None):
+        if ranks is None:
+            raise ValueError("basel needs the planned rank of every layer")
+        originals = {name: model.get_submodule(name) for name in names}
+        layers = {}
+        for name, module in originals.items():
+            u, s, vh = svd(module.weight, name, cache=self.cache)
+            layers[name] = BasisLinear(u, s, vh, None if module.bias is None else module.bias.detach())
+            _swap(model, name, layers[name])
+        flags = {p: p.requires_grad for p in model.parameters()}
+        try:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            trainable = [p for layer in layers.values() for p in (layer.w, layer.a, layer.b)]
+            for p in trainable:
+                p.requires_grad_(True)
+            _train(model, calibration, layers, ranks, trainable, advance)
+            return {name: {"weight": layer.merged()} for name, layer in layers.items()}
+        finally:
+            for name, module in originals.items():
+                _swap(model, name, module)
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+
+    def select(self, weight, bias, stats, rank):
+        u, s, vh = svd(stats["weight"], cache=self.cache)
+        return keep_top(u, s, vh, bias, rank, weight.dtype)
+
+    def scores(self, weight, stats):
+        return svd(stats["weight"], cache=self.cache)[1].square()
+
+
+def _train(model, calibration, layers, ranks, trainable, advance) -> None:
+    optimizer = torch.optim.Adam(trainable, lr=LEARNING_RATE)
+    batches = calibration.batches
+    total = EPOCHS * len(batches)
+    prune_from = len(batches)  # one epoch of relearning only, then prune while training
+    prune_every = max(1, (total - prune_from) // PRUNE_STEPS)
+    step = 0
+    for _ in range(EPOCHS):
+        for batch in batches:
+            with torch.enable_grad():
+                loss = model(input_ids=batch, labels=batch).loss
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            step += 1
+            if step >= prune_from and (step - prune_from) % prune_every == 0:
+                done = min(1.0, (step - prune_from + prune_every) / (total - prune_from))
+                for name, layer in layers.items():
+                    full = layer.w.numel()
+                    layer.prune_to(round(full * (ranks[name] / full) ** done))
+            advance()
+    for name, layer in layers.items():
+        layer.prune_to(ranks[name])
+
+
+def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
