@@ -63,6 +63,8 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult:
     method = get_method(config.method, TensorCache(cache_dir() / "tensors" if config.use_cache else None))
     if method.needs == "training" and config.allocation == "global":
         raise UsageError(f"--method {method.name} prunes to planned ranks while training; use --allocation uniform")
+    if config.out:
+        _check_destination(Path(config.out))  # before minutes of work, when the user named it
     torch.manual_seed(config.seed)
 
     with _progress(console) as progress:

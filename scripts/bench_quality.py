@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import platform
-import threading
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import psutil
 import torch
 
 from exporter.cache import TensorCache
@@ -35,30 +36,50 @@ from exporter.tasks import data_dir, get_task, sample
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-class PeakMemory:
-    """Peak resident set growth of this process while the block runs (sampled every 10 ms)."""
+def peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
-    def __enter__(self):
-        self.process = psutil.Process()
-        self.baseline = self.peak = self.process.memory_info().rss
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
 
-    def _sample(self):
-        while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.01)
+def setup(args):
+    """Model, data and calibration, the same in every process (seeded samples)."""
+    torch.manual_seed(0)
+    loaded = load_model(None)
+    task, general = get_task(args.task), get_task("wikitext")
+    root = data_dir()
+    target_pairs = sample(task.heldout(root), args.items, 0)
+    general_pairs = sample(general.heldout(root), args.items // 2, 0)
+    tokenizer = loaded.tokenizer
+    prompts = [tokenizer(p + a, return_tensors="pt").input_ids[:, :256] for p, a in target_pairs[:16]]
+    calibration = calibration_batches(tokenizer, task.calibration(root), args.calibration_samples, args.seq_len, 0)
+    return loaded, task, target_pairs, general_pairs, prompts, calibration
 
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-        return False
 
-    @property
-    def growth_mib(self) -> float:
-        return (self.peak - self.baseline) / 2**20
+def one(args) -> None:
+    """Compress with one method at one budget in this fresh process; print its row as JSON."""
+    loaded, _, target_pairs, general_pairs, prompts, calibration = setup(args)
+    dense, tokenizer = loaded.model, loaded.tokenizer
+    model = copy.deepcopy(dense)
+    spec = describe(dense)
+    plan = RankPlan("bench", "fp32", args.one_keep, 8, layers_at(spec, args.one_keep, 8), None, None)
+    names = [layer.name for layer in plan.factorized]
+    method = get_method(args.one_method, TensorCache(cache_dir() / "tensors"))
+    baseline = peak_rss_mib()
+    start = time.perf_counter()
+    stats = method.collect(model, calibration, names, ranks={layer.name: layer.rank for layer in plan.factorized})
+    torch.set_num_threads(1)  # SVD on 2 threads of a busy machine can be 40x slower than on one
+    factorize_(model, plan, method, stats)
+    torch.set_num_threads(os.cpu_count() or 1)
+    seconds = time.perf_counter() - start
+    growth = peak_rss_mib() - baseline
+    del stats
+    print(json.dumps([args.one_method, f"{args.one_keep:.0%}",
+                      f"{answer_perplexity(model, tokenizer, target_pairs):.2f}",
+                      f"{answer_perplexity(model, tokenizer, general_pairs):.2f}",
+                      f"{top1_agreement(dense, model, prompts):.1%}", f"{seconds:.0f}", f"{growth:.0f}"]))
 
 
 def main() -> None:
@@ -69,48 +90,32 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=48, help="held-out items per perplexity")
     parser.add_argument("--calibration-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--one-method", help=argparse.SUPPRESS)
+    parser.add_argument("--one-keep", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.manual_seed(0)
+    if args.one_method:
+        one(args)
+        return
 
-    loaded = load_model(None)
+    loaded, task, target_pairs, general_pairs, _, calibration = setup(args)
     dense, tokenizer = loaded.model, loaded.tokenizer
-    spec = describe(dense)
-    task, general = get_task(args.task), get_task("wikitext")
-    root = data_dir()
-    target_pairs = sample(task.heldout(root), args.items, 0)
-    general_pairs = sample(general.heldout(root), args.items // 2, 0)
-    prompts = [tokenizer(p + a, return_tensors="pt").input_ids[:, :256] for p, a in target_pairs[:16]]
-    calibration = calibration_batches(tokenizer, task.calibration(root), args.calibration_samples, args.seq_len, 0)
-    cache = TensorCache(cache_dir() / "tensors")
-
     print(f"machine: {platform.platform()}, {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}")
     print(f"model: {loaded.name}; task {task.name}: calibration {calibration.tokens} tokens of train data, "
-          f"held-out {len(target_pairs)} test items; general: {len(general_pairs)} WikiText-2 test paragraphs")
+          f"held-out {len(target_pairs)} test items; general: {len(general_pairs)} WikiText-2 test paragraphs; "
+          "each compression in a fresh process (peak = resident-set growth during compression)")
     header = ["method", "kept", "target ppl", "wikitext ppl", "top-1 vs dense", "time s", "peak MiB"]
     rows = [["dense", "100%", f"{answer_perplexity(dense, tokenizer, target_pairs):.2f}",
              f"{answer_perplexity(dense, tokenizer, general_pairs):.2f}", "100.0%", "", ""]]
     print(" | ".join(header))
     print(" | ".join(rows[0]), flush=True)
-    for keep in (float(k) for k in args.keep.split(",")):
-        layers = layers_at(spec, keep, 8)
-        plan = RankPlan("bench", "fp32", keep, 8, layers, None, None)
-        names = [layer.name for layer in plan.factorized]
+    for keep in args.keep.split(","):
         for name in args.methods.split(","):
-            model = copy.deepcopy(dense)
-            method = get_method(name, cache)
-            start = time.perf_counter()
-            with PeakMemory() as memory:
-                stats = method.collect(model, calibration, names)
-                torch.set_num_threads(1)
-                factorize_(model, plan, method, stats)
-                torch.set_num_threads(os.cpu_count() or 1)
-            seconds = time.perf_counter() - start
-            row = [name, f"{keep:.0%}", f"{answer_perplexity(model, tokenizer, target_pairs):.2f}",
-                   f"{answer_perplexity(model, tokenizer, general_pairs):.2f}",
-                   f"{top1_agreement(dense, model, prompts):.1%}", f"{seconds:.0f}", f"{memory.growth_mib:.0f}"]
-            rows.append(row)
-            print(" | ".join(row), flush=True)
-            del model, stats
+            command = [sys.executable, __file__, "--task", args.task, "--items", str(args.items),
+                       "--calibration-samples", str(args.calibration_samples), "--seq-len", str(args.seq_len),
+                       "--one-method", name, "--one-keep", keep]
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(" | ".join(rows[-1]), flush=True)
     write(rows, header, task.name)
 
 
