@@ -10,8 +10,12 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
     GPT2Config,
     LlamaConfig,
+    MistralConfig,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
@@ -30,6 +34,16 @@ def tiny_config(arch: str):
                            num_key_value_heads=2, tie_word_embeddings=False, **common)
     if arch == "gpt2":  # Conv1D projections, learned positions
         return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
+    small = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, **common)
+    if arch == "mistral":
+        return MistralConfig(sliding_window=None, **small)
+    if arch == "phi3":  # fused qkv_proj and gate_up_proj
+        return Phi3Config(pad_token_id=1, **{k: v for k, v in small.items() if k != "pad_token_id"})
+    if arch == "gemma":  # scaled, tied embeddings
+        return GemmaConfig(head_dim=16, **small)
+    if arch == "gemma3_text":  # sliding-window and global layers
+        return Gemma3TextConfig(head_dim=16, sliding_window=32, **small)
     raise ValueError(arch)
 
 
