@@ -21,15 +21,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from exporter import plan as planner
 from exporter.cache import TensorCache
 from exporter.calibration import calibration_batches
-from exporter.contracts import RunResult, to_json
+from exporter.contracts import RankPlan, RunResult, to_json
 from exporter.errors import UsageError, ValidationFailed
 from exporter.export import export_model
 from exporter.factorize import factorize_
 from exporter.models import cache_dir, describe, load_model
 from exporter.profile import load_profile
-from exporter.report import budget_checks, print_summary, write_report
-from exporter.select import get_method
-from exporter.tasks import DEFAULT_TASK, data_dir, get_task, sample
+from exporter.report import budget_checks, failure_lines, print_summary, write_report
+from exporter.select import SelectionMethod, get_method
+from exporter.tasks import DEFAULT_TASK, Task, data_dir, get_task, sample
 from exporter.validate import host_figures, measure_session, validate_parity
 
 MAX_PROMPT_TOKENS = 64
@@ -55,16 +55,10 @@ class RunConfig:
 
 
 def run(config: RunConfig, console: Console | None = None) -> RunResult:
+    """profile -> plan -> select -> factorize -> export -> validate -> report; raises ValidationFailed."""
     console = console or Console(stderr=True)
     profile = load_profile(config.device)
-    task = get_task(config.task)
-    if config.allocation not in ("uniform", "global"):
-        raise UsageError(f"--allocation {config.allocation}: choose uniform or global")
-    method = get_method(config.method, TensorCache(cache_dir() / "tensors" if config.use_cache else None))
-    if method.needs == "training" and config.allocation == "global":
-        raise UsageError(f"--method {method.name} prunes to planned ranks while training; use --allocation uniform")
-    if config.out:
-        _check_destination(Path(config.out))  # before minutes of work, when the user named it
+    task, method = _check_choices(config)
     torch.manual_seed(config.seed)
 
     with _progress(console) as progress:
@@ -80,26 +74,7 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult:
         model, spec = loaded.model, describe(loaded.model)
         progress.update(stage, total=1, completed=1, description=f"loaded {loaded.name}")
 
-        rank_plan = planner.make_plan(spec, profile, config.rank_multiple)  # dense when the budget allows
-        stats = {}
-        if rank_plan.factorized:
-            chosen = spec.layers if config.allocation == "global" else rank_plan.factorized
-            names = [layer.name for layer in chosen]
-            if method.needs != "nothing":
-                calibration = calibration_batches(loaded.tokenizer, task.calibration(data_dir(config.data_dir)),
-                                                  config.calibration_samples, config.calibration_seq_len, config.seed)
-                stage = progress.add_task(f"collecting {method.needs} ({calibration.tokens} tokens of {task.name})",
-                                          total=method.passes * len(calibration.batches))
-                ranks = {layer.name: layer.rank for layer in rank_plan.factorized}
-                stats = method.collect(model, calibration, names, lambda: progress.advance(stage), ranks)
-            if config.allocation == "global":
-                stage = progress.add_task("scoring bases for allocation", total=len(names))
-                scores = {}
-                with _single_thread():
-                    for name in names:
-                        scores[name] = method.scores(model.get_submodule(name).weight.detach(), stats.get(name))
-                        progress.advance(stage)
-                rank_plan = planner.allocate(spec, profile, scores, config.rank_multiple)
+        rank_plan, stats = _plan_and_collect(config, loaded, spec, profile, task, method, progress)
         stage = progress.add_task(f"selecting bases ({method.name})", total=len(rank_plan.factorized))
         with _single_thread():  # SVD on 2 threads of a busy machine can be 40x slower than on one
             layer_results = factorize_(model, rank_plan, method, stats, on_layer=lambda _: progress.advance(stage))
@@ -118,30 +93,20 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult:
             measurement = measure_session(artifact.model_file, "CPUExecutionProvider", threads,
                                           profile.prefill_tokens, profile.context_length)
             host = host_figures(threads)
-            host_predicted = planner.predict(
-                spec, [layer.params for layer in rank_plan.layers], precision=profile.precision,
-                context_length=profile.context_length, prefill_tokens=profile.prefill_tokens,
-                bandwidth_gbps=host["memory_bandwidth_gbps"], compute_gflops=host["compute_gflops"],
-                op_overhead_us=host["op_overhead_us"],
-            )
+            host_predicted = planner.predict_for_host(spec, rank_plan.layers, profile, host)
             progress.update(stage, total=1, completed=1)
 
-            if artifact.reference_file != artifact.model_file:
+            if artifact.reference_file != artifact.model_file:  # the fp32 reference was only for parity
                 _remove_graph(Path(artifact.reference_file))
                 artifact = replace(artifact, reference_file="(removed after validation)")
             checks = budget_checks(profile, rank_plan, artifact, measurement)
-            failures = tuple(
-                [f"parity {p.graph} on {p.provider}: max |Δlogits| {p.max_abs_logit_diff:.3g} (tolerance "
-                 f"{p.tolerance:.3g}), greedy tokens identical: {p.greedy_identical}" for p in parity if not p.passed]
-                + [f"{c.metric}: {c.measured if c.judged_on == 'measured' else c.predicted:.1f} {c.unit} "
-                   f"({c.judged_on}) > budget {c.budget:g} {c.unit}" for c in checks if not c.passed]
-            )
+            failures = failure_lines(parity, checks)
             result = RunResult(
                 model=loaded.source, task=task.name, method=method.name, profile=profile, plan=rank_plan,
                 layers=layer_results, artifact=replace(artifact, folder=str(destination)), parity=tuple(parity),
                 providers_not_available=tuple(missing), quantization_top1_agreement=quant_agreement,
-                measurement=measurement, host=host,
-                host_predicted=host_predicted, checks=checks, passed=not failures, failures=failures,
+                measurement=measurement, host=host, host_predicted=host_predicted, checks=checks,
+                passed=not failures, failures=failures,
             )
             (staging / "plan.json").write_text(to_json(rank_plan))
             write_report(result, staging)
@@ -151,6 +116,45 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult:
     if not result.passed:
         raise ValidationFailed(f"{failures[0]} (full report in {_failed(destination)}/report.json)")
     return result
+
+
+def _check_choices(config: RunConfig) -> tuple[Task, SelectionMethod]:
+    """Every flag that can be checked before minutes of work."""
+    task = get_task(config.task)
+    if config.allocation not in ("uniform", "global"):
+        raise UsageError(f"--allocation {config.allocation}: choose uniform or global")
+    method = get_method(config.method, TensorCache(cache_dir() / "tensors" if config.use_cache else None))
+    if method.needs == "training" and config.allocation == "global":
+        raise UsageError(f"--method {method.name} prunes to planned ranks while training; use --allocation uniform")
+    if config.out:
+        _check_destination(Path(config.out))
+    return task, method
+
+
+def _plan_and_collect(config, loaded, spec, profile, task, method, progress) -> tuple[RankPlan, dict]:
+    """The rank plan and the statistics the method selects with; global allocation plans from the method's
+    scores, so it collects on every projection first."""
+    rank_plan = planner.make_plan(spec, profile, config.rank_multiple)  # dense when the budget allows
+    if not rank_plan.factorized:
+        return rank_plan, {}
+    names = [layer.name for layer in (spec.layers if config.allocation == "global" else rank_plan.factorized)]
+    stats = {}
+    if method.needs != "nothing":
+        calibration = calibration_batches(loaded.tokenizer, task.calibration(data_dir(config.data_dir)),
+                                          config.calibration_samples, config.calibration_seq_len, config.seed)
+        stage = progress.add_task(f"collecting {method.needs} ({calibration.tokens} tokens of {task.name})",
+                                  total=method.passes * len(calibration.batches))
+        ranks = {layer.name: layer.rank for layer in rank_plan.factorized}
+        stats = method.collect(loaded.model, calibration, names, lambda: progress.advance(stage), ranks)
+    if config.allocation == "global":
+        stage = progress.add_task("scoring bases for allocation", total=len(names))
+        scores = {}
+        with _single_thread():
+            for name in names:
+                scores[name] = method.scores(loaded.model.get_submodule(name).weight.detach(), stats.get(name))
+                progress.advance(stage)
+        rank_plan = planner.allocate(spec, profile, scores, config.rank_multiple)
+    return rank_plan, stats
 
 
 def _failed(destination: Path) -> Path:

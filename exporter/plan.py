@@ -101,6 +101,13 @@ def predict_for_device(spec: ModelSpec, layers: Sequence[LayerPlan], profile: De
     )
 
 
+def predict_for_host(spec: ModelSpec, layers: Sequence[LayerPlan], profile: DeviceProfile, host: dict) -> Prediction:
+    """The same plan on this machine (its measured figures), to check the cost model against measurements."""
+    here = replace(profile, memory_bandwidth_gbps=host["memory_bandwidth_gbps"],
+                   compute_gflops=host["compute_gflops"], op_overhead_us=host["op_overhead_us"])
+    return predict_for_device(spec, layers, here)
+
+
 def layers_at(spec: ModelSpec, keep_ratio: float, rank_multiple: int) -> tuple[LayerPlan, ...]:
     """Every projection at `keep_ratio` of its break-even rank; dense where factorizing would not pay.
     A keep ratio of 1 (or more) is the dense model."""

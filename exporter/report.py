@@ -19,6 +19,7 @@ from exporter.contracts import (
     DeviceProfile,
     Measurement,
     OnnxArtifact,
+    ParityResult,
     Prediction,
     RankPlan,
     RunResult,
@@ -45,6 +46,16 @@ def budget_checks(
         BudgetCheck(f"prefill {profile.prefill_tokens} tokens", profile.prefill_ms, plan.predicted.prefill_ms,
                     measured.prefill_ms, "ms", "predicted", plan.predicted.prefill_ms <= profile.prefill_ms,
                     f"device figure predicted; {here}"),
+    )
+
+
+def failure_lines(parity: list[ParityResult], checks: tuple[BudgetCheck, ...]) -> tuple[str, ...]:
+    """One line per failed parity check or budget, with the figure that failed."""
+    return tuple(
+        [f"parity {p.graph} on {p.provider}: max |Δlogits| {p.max_abs_logit_diff:.3g} (tolerance "
+         f"{p.tolerance:.3g}), greedy tokens identical: {p.greedy_identical}" for p in parity if not p.passed]
+        + [f"{c.metric}: {c.measured if c.judged_on == 'measured' else c.predicted:.1f} {c.unit} ({c.judged_on}) "
+           f"> budget {c.budget:g} {c.unit}" for c in checks if not c.passed]
     )
 
 
