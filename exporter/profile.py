@@ -16,7 +16,7 @@ from exporter.contracts import DeviceProfile
 from exporter.errors import UsageError
 
 # int8 is deliberately absent: onnxruntime 1.32's 8-bit MatMulNBits has no fast CPU kernel (measured on
-# SmolLM2-135M: 440 ms/token decode against 16 ms at int4 and 47 ms at fp32), so it would never be the right choice.
+# SmolLM2-135M: 440 ms/token decode against 20 ms at int4 and 47 ms at fp32), so it would never be the right choice.
 PRECISIONS = ("fp32", "int4")
 MAX_CONTEXT = 131072
 MAX_THREADS = 256
