@@ -1,8 +1,10 @@
-"""An on-disk cache for expensive per-layer results (SVDs, importance scores), so a rerun resumes.
+"""An on-disk cache for expensive per-layer results (SVDs, collected statistics), so a rerun resumes.
 
-Keys are content hashes of everything the result depends on (the weight matrix itself, the method, the
-calibration data's hash), so a stale entry can never be reused for other inputs. Entries are safetensors files
-written atomically (temporary file + rename): an interrupted write leaves no entry, never a torn one.
+Keys are content hashes of everything the result depends on: for an SVD the matrix itself; for a method's
+statistics (activations, gradients, importance scores, relearned weights) the method, the model's fingerprint,
+the calibration data's hash, the layers and their planned ranks. A stale entry can never serve other inputs.
+Entries are safetensors files written atomically (temporary file + rename): an interrupted write leaves no
+entry, never a torn one.
 Location: `<cache dir>/tensors/` (see models.cache_dir: `$EDGESLIM_CACHE`, else `~/.cache/edgeslim`).
 """
 
@@ -64,3 +66,16 @@ def tensor_key(*parts: str | torch.Tensor) -> str:
             h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
+
+
+def flatten(stats: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per-layer statistics as one flat mapping, "layer/field" -> tensor, the form a cache entry holds."""
+    return {f"{layer}/{field}": value for layer, fields in stats.items() for field, value in fields.items()}
+
+
+def unflatten(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    stats: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        layer, _, field = key.rpartition("/")
+        stats.setdefault(layer, {})[field] = value
+    return stats

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from exporter import plan as planner
-from exporter.cache import TensorCache
+from exporter.cache import TensorCache, flatten, tensor_key, unflatten
 from exporter.calibration import calibration_batches
 from exporter.contracts import RankPlan, RunResult, to_json
 from exporter.errors import UsageError, ValidationFailed
@@ -145,7 +145,10 @@ def _plan_and_collect(config, loaded, spec, profile, task, method, progress) -> 
         stage = progress.add_task(f"collecting {method.needs} ({calibration.tokens} tokens of {task.name})",
                                   total=method.passes * len(calibration.batches))
         ranks = {layer.name: layer.rank for layer in rank_plan.factorized}
-        stats = method.collect(loaded.model, calibration, names, lambda: progress.advance(stage), ranks)
+        pruned_to = repr(ranks) if method.needs == "training" else ""  # only training prunes to the ranks
+        key = tensor_key("stats", method.name, loaded.fingerprint, calibration.fingerprint, repr(names), pruned_to)
+        stats = unflatten(method.cache.get_or_compute(key, lambda: flatten(
+            method.collect(loaded.model, calibration, names, lambda: progress.advance(stage), ranks))))
     if config.allocation == "global":
         stage = progress.add_task("scoring bases for allocation", total=len(names))
         scores = {}

@@ -59,3 +59,22 @@ def test_data_aware_method_with_global_allocation(tmp_path, tiny_model_dir):
     assert plan["allocation"] == "global"
     ranks = {layer["rank"] for layer in plan["layers"]}
     assert len(ranks) > 1, "global allocation gives layers different ranks"
+
+
+@pytest.mark.parametrize("arch", ["llama"], indirect=True)
+def test_collected_statistics_are_cached_per_model_and_data(tmp_path, tiny_model_dir, monkeypatch):
+    from exporter import baselines
+
+    monkeypatch.setenv("EDGESLIM_CACHE", str(tmp_path / "cache"))
+    calls = []
+    original = baselines.activation_stats
+    monkeypatch.setattr(baselines, "activation_stats", lambda *a, **k: calls.append(1) or original(*a, **k))
+    profile = write_profile(tmp_path / "p.yaml")
+    config = dict(device=str(profile), model=str(tiny_model_dir), parity_prompts=1, method="svdllm",
+                  calibration_samples=2, calibration_seq_len=32)
+    first = run(RunConfig(out=str(tmp_path / "a"), **config))
+    second = run(RunConfig(out=str(tmp_path / "b"), **config))
+    assert len(calls) == 1, "the second run reuses the statistics"
+    assert first.layers == second.layers
+    run(RunConfig(out=str(tmp_path / "c"), seed=1, **config))  # other calibration sample: collected again
+    assert len(calls) == 2
