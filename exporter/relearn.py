@@ -1,13 +1,18 @@
 """Basis selection by relearning (Basel, Li et al., arXiv 2405.15877), sized for a CPU and minutes.
 
-Each planned projection W = U diag(s) V^T becomes a BasisLinear: U and V^T frozen, the coefficients trainable as
-w with s = w^2 (so they stay non-negative), plus new bases A·B (rank `NEW_BASES`, A zero-initialised so training
-starts from the original model). The coefficients are trained on the task's calibration data with the ordinary
-next-token loss; after a first epoch of relearning only, the smallest relearned coefficients of each layer are
-masked out permanently in `PRUNE_STEPS` small steps, the kept count shrinking geometrically to the planned rank.
-The result per layer is the merged matrix U diag(w^2 * mask) V^T + A·B, which `select` re-decomposes into the
-two factors. Differences from the paper: fewer steps, short sequences and a sample of the data; pruning by count
-(so each layer lands exactly on its planned rank) rather than by coefficient mass.
+Each planned projection W becomes a BasisLinear over the bases of its *whitened* SVD, W L = U diag(s) V^T with
+L the Cholesky factor of the layer's input Gram matrix (as SVD-LLM), so W = sum_i s_i u_i (V^T L^-1)_i: U and
+V^T L^-1 frozen, the coefficients trainable as w with s = w^2 (so they stay non-negative), plus new bases A·B
+(rank `NEW_BASES`, A zero-initialised so training starts from the original model). Whitened bases matter: on
+SmolLM2, relearning the plain SVD's bases ended 30-100x worse in perplexity than SVD-LLM, because dropping plain
+bases throws away directions the inputs use.
+
+The coefficients are trained on the task's calibration data with the ordinary next-token loss; after a first
+epoch of relearning only, the smallest relearned coefficients of each layer are masked out permanently in
+`PRUNE_STEPS` small steps, the kept count shrinking geometrically to the planned rank. The result per layer is
+the merged matrix U diag(w^2 * mask) V^T L^-1 + A·B, which `select` re-decomposes, whitened again, into the two
+factors. Differences from the paper: fewer steps, short sequences and a sample of the data; pruning by count (so
+each layer lands exactly on its planned rank) rather than by coefficient mass.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from exporter.select import SelectionMethod, keep_top, register, svd
+from exporter.baselines import SVDLLM, whitening
+from exporter.collect import activation_stats
+from exporter.select import SelectionMethod, register, svd
 
 NEW_BASES = 32
 EPOCHS = 3
@@ -59,17 +66,20 @@ class BasisLinear(nn.Module):
 class Basel(SelectionMethod):
     name = "basel"
     needs = "training"
-    passes = EPOCHS
+    passes = EPOCHS + 1  # one forward pass for the whitening, then the training epochs
     description = "Basel: relearn basis coefficients (plus new bases) on the task's data, prune to the rank"
 
     def collect(self, model, calibration, names, advance=lambda: None, ranks=None):
         if ranks is None:
             raise ValueError("basel needs the planned rank of every layer")
+        grams = {name: entry["gram"] for name, entry in activation_stats(model, calibration, names, advance).items()}
         originals = {name: model.get_submodule(name) for name in names}
         layers = {}
         for name, module in originals.items():
-            u, s, vh = svd(module.weight, name, cache=self.cache)
-            layers[name] = BasisLinear(u, s, vh, None if module.bias is None else module.bias.detach())
+            lower = whitening(grams[name], name)
+            u, s, vh = svd(module.weight.double() @ lower, name, cache=self.cache)
+            unwhitened = torch.linalg.solve_triangular(lower, vh, upper=False, left=False)  # V^T L^-1
+            layers[name] = BasisLinear(u, s, unwhitened, None if module.bias is None else module.bias.detach())
             _swap(model, name, layers[name])
         flags = {p: p.requires_grad for p in model.parameters()}
         try:
@@ -79,7 +89,7 @@ class Basel(SelectionMethod):
             for p in trainable:
                 p.requires_grad_(True)
             _train(model, calibration, layers, ranks, trainable, advance)
-            return {name: {"weight": layer.merged()} for name, layer in layers.items()}
+            return {name: {"weight": layer.merged(), "gram": grams[name]} for name, layer in layers.items()}
         finally:
             for name, module in originals.items():
                 _swap(model, name, module)
@@ -87,11 +97,10 @@ class Basel(SelectionMethod):
                 p.requires_grad_(flag)
 
     def select(self, weight, bias, stats, rank):
-        u, s, vh = svd(stats["weight"], cache=self.cache)
-        return keep_top(u, s, vh, bias, rank, weight.dtype)
+        return SVDLLM(self.cache).select(stats["weight"].to(weight.dtype), bias, stats, rank)
 
     def scores(self, weight, stats):
-        return svd(stats["weight"], cache=self.cache)[1].square()
+        return SVDLLM(self.cache).scores(stats["weight"], stats)
 
 
 def _train(model, calibration, layers, ranks, trainable, advance) -> None:
