@@ -1,11 +1,13 @@
 """Basis selection: which rank-1 bases u_i v_i^T of each W = U diag(s) V^T a layer keeps.
 
-A method is a class registered with `@register`. It declares what data it needs (`needs`), so the pipeline runs
-the right calibration pass, and has two parts:
-- `collect(model, batches, names)`: statistics per layer from the target application's data (hooks that remove
-  themselves; a training-based method would relearn here). Methods that need nothing return {}.
+A method is a class registered with `@register`. It declares what data it needs (`needs`: nothing, activations,
+gradients or training), so the pipeline runs the right calibration pass, and has three parts:
+- `collect(model, calibration, names, ...)`: statistics per layer from the target application's data (hooks that
+  remove themselves; the training-based method relearns here). Methods that need nothing return {}.
 - `select(weight, bias, stats, rank)`: pure linear algebra on one matrix, returning the two factors.
-A numerical failure raises NumericalError naming the layer; nothing is ever silently replaced.
+- `scores(weight, stats)`: what each basis is worth, in keeping order, for the budget-driven allocation.
+Built-in methods: `svd` here, `asvd`/`svdllm`/`fwsvd` in baselines.py, `taylor` in importance.py, `basel` in
+relearn.py. A numerical failure raises NumericalError naming the layer; nothing is ever silently replaced.
 """
 
 from __future__ import annotations
@@ -43,10 +45,10 @@ class SelectionMethod(ABC):
     needs: ClassVar[Needs]
     description: ClassVar[str]
 
+    passes: ClassVar[int] = 1  # passes over the calibration data that `collect` makes (for progress bars)
+
     def __init__(self, cache: TensorCache | None = None):
         self.cache = cache or TensorCache(None)
-
-    passes: ClassVar[int] = 1  # passes over the calibration data that `collect` makes (for progress bars)
 
     def collect(
         self,
