@@ -58,6 +58,33 @@ def activation_stats(
     return stats
 
 
+@contextmanager
+def weights_require_grad(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[None]:
+    """Only the named projections' weights get gradients; every flag is restored afterwards."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for module in modules.values():
+            module.weight.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
+
+
+def weight_gradients(model: nn.Module, modules: dict[str, nn.Module], batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """dL/dW of the next-token loss on `batch` for every named projection (inside `weights_require_grad`)."""
+    with torch.enable_grad():
+        model(input_ids=batch, labels=batch).loss.backward()
+    grads = {}
+    for name, module in modules.items():
+        grads[name] = module.weight.grad
+        module.weight.grad = None
+    return grads
+
+
 def gradient_passes(
     model: nn.Module,
     calibration: Calibration,
@@ -67,22 +94,9 @@ def gradient_passes(
 ) -> None:
     """For each batch: next-token loss, backward, then `on_gradient(name, dL/dW)` for every named projection."""
     modules = {name: model.get_submodule(name) for name in names}
-    flags = {p: p.requires_grad for p in model.parameters()}
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for module in modules.values():
-            module.weight.requires_grad_(True)
+    with weights_require_grad(model, modules):
         for batch in calibration.batches:
-            with torch.enable_grad():
-                loss = model(input_ids=batch, labels=batch).loss
-                loss.backward()
             with torch.no_grad():
-                for name, module in modules.items():
-                    on_gradient(name, module.weight.grad)
-                    module.weight.grad = None
+                for name, grad in weight_gradients(model, modules, batch).items():
+                    on_gradient(name, grad)
             advance()
-    finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-            p.grad = None

@@ -6,7 +6,10 @@ held-out target-task perplexity (answers given their prompts, from the task's te
 (WikiText-2 test), top-1 agreement with the dense model on the target prompts, and the compression's wall time
 and peak memory growth. Writes a Markdown table and a size-vs-perplexity plot.
 
-    python scripts/bench_quality.py [--task gsm8k] [--methods svd,asvd,fwsvd,svdllm,taylor] [--keep 0.8,0.6,0.4]
+    python scripts/bench_quality.py [--task gsm8k] [--methods svd,asvd,fwsvd,svdllm,taylor,hessian,basel]
+        [--keep 0.8,0.6,0.4]
+
+Rows of (method, budget) pairs not rerun are kept from the earlier table in scripts/results/.
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ def one(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--task", default="gsm8k")
-    parser.add_argument("--methods", default="svd,asvd,fwsvd,svdllm,taylor")
+    parser.add_argument("--methods", default="svd,asvd,fwsvd,svdllm,taylor,hessian,basel")
     parser.add_argument("--keep", default="0.8,0.6,0.4")
     parser.add_argument("--items", type=int, default=48, help="held-out items per perplexity")
     parser.add_argument("--calibration-samples", type=int, default=16)
@@ -119,6 +122,19 @@ def main() -> None:
     write(rows, header, task.name)
 
 
+def merged(rows: list[list[str]], earlier: Path) -> list[list[str]]:
+    """This run's rows plus the earlier table's rows for (method, kept) pairs not rerun, so a table can be
+    completed one method at a time; sorted by budget, then method."""
+    if earlier.exists():
+        fresh = {(row[0], row[1]) for row in rows}
+        lines = earlier.read_text().splitlines()[2:]
+        old = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if line.startswith("|")]
+        rows = rows + [row for row in old if (row[0], row[1]) not in fresh]
+    dense = [row for row in rows if row[0] == "dense"][:1]
+    rest = sorted((row for row in rows if row[0] != "dense"), key=lambda r: (-float(r[1].rstrip("%")), r[0]))
+    return dense + rest
+
+
 def write(rows: list[list[str]], header: list[str], task: str) -> None:
     import matplotlib
 
@@ -126,6 +142,7 @@ def write(rows: list[list[str]], header: list[str], task: str) -> None:
     import matplotlib.pyplot as plt
 
     RESULTS.mkdir(exist_ok=True)
+    rows = merged(rows, RESULTS / f"bench_quality_{task}.md")
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table += ["| " + " | ".join(row) + " |" for row in rows]
     (RESULTS / f"bench_quality_{task}.md").write_text("\n".join(table) + "\n")

@@ -72,7 +72,8 @@ def test_taylor_keeps_the_bases_the_loss_depends_on():
     weight = u[:, :16] @ torch.diag(s) @ v.T
     importance = torch.zeros(16, dtype=torch.float64)
     importance[-4:] = 1.0  # only the four smallest bases matter to the task
-    f = get_method("taylor").select(weight, None, {"importance": importance}, 4)
+    stats = {"importance": importance, "gram": torch.eye(16, dtype=torch.float64)}  # white inputs: plain bases
+    f = get_method("taylor").select(weight, None, stats, 4)
     kept = torch.linalg.svdvals(f.second @ f.first)[:4]
     assert torch.allclose(kept.sort().values, s[-4:].sort().values)
 
@@ -102,7 +103,7 @@ def trained(tokenizer):
     return model.eval(), calibration
 
 
-@pytest.mark.parametrize("name", ["svdllm", "asvd"])
+@pytest.mark.parametrize("name", ["svdllm", "asvd", "taylor", "hessian"])
 def test_methods_that_see_the_data_beat_svd_on_the_tiny_model(name, trained):
     base, calibration = trained
     spec = describe(base)
@@ -166,3 +167,40 @@ def test_basis_linear_starts_as_the_original_layer_and_prunes_to_count():
     layer.prune_to(6)
     assert int(layer.mask.sum()) == 6
     assert torch.linalg.matrix_rank(layer.merged()) <= 6
+
+
+def test_hutchinson_probe_matches_the_exact_hessian(trained):
+    """One batch, one layer: the symmetric finite-difference probes give |g*s| + max(0, mean_z s*z*(H (z*s))/2),
+    computed here with autograd's exact gradient and Hessian of the loss in coefficient space (z: each probe's
+    signs)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from exporter.calibration import Calibration
+    from exporter.importance import PROBES, HessianImportance
+
+    base, calibration = trained
+    model = copy.deepcopy(base).double()
+    one = Calibration(batches=calibration.batches[:1], fingerprint="one")
+    name = "model.layers.1.mlp.down_proj"
+    method = HessianImportance()
+    estimate = method.collect(model, one, [name])[name]
+    layer = model.get_submodule(name)
+    original = layer.weight.detach().clone()
+    u, s, rows = (t.double() for t in method._bases(original, estimate["gram"], name))
+
+    def loss(delta: torch.Tensor) -> torch.Tensor:
+        weight = original + (u * delta) @ rows
+        output = torch.func.functional_call(model, {f"{name}.weight": weight}, (one.batches[0],),
+                                            {"labels": one.batches[0]})
+        return output.loss
+
+    with sdpa_kernel(SDPBackend.MATH):
+        zero = torch.zeros_like(s)
+        gradient = torch.autograd.functional.jacobian(loss, zero)
+        hessian = torch.autograd.functional.hessian(loss, zero)
+    generator = torch.Generator().manual_seed(0)
+    probes = [torch.randint(0, 2, s.shape, generator=generator).double() * 2 - 1 for _ in range(PROBES)]
+    curvature = sum(s * signs * (hessian @ (signs * s)) / 2 for signs in probes) / PROBES
+    exact = (gradient * s).abs() + curvature.clamp(min=0)
+    assert torch.equal(layer.weight, original), "the probe restores the weights"
+    assert torch.allclose(estimate["importance"], exact, rtol=1e-3, atol=1e-6 * exact.abs().max())
