@@ -28,7 +28,8 @@ from transformers import PreTrainedModel
 
 from exporter.contracts import DeviceProfile, Measurement, OnnxArtifact, ParityResult
 from exporter.evaluate import top1_agreement
-from exporter.measure import empty_past, feed, kv_layout, session
+from exporter.generate import Decoder, OnnxDecoder, TorchDecoder, generate
+from exporter.measure import session
 from exporter.quantize import fake_quantize_
 
 RELATIVE_TOLERANCE = 1e-4
@@ -46,31 +47,10 @@ def providers_to_check(requested: tuple[str, ...]) -> tuple[list[str], list[str]
     return use, missing
 
 
-def torch_greedy(model: PreTrainedModel, ids: torch.Tensor, steps: int) -> tuple[np.ndarray, list[int]]:
-    """Next-token logits after the prompt and after each of `steps` greedy tokens, through transformers' cache."""
-    with torch.no_grad():
-        out = model(input_ids=ids, use_cache=True)
-        logits, tokens = [out.logits[0, -1].float()], []
-        for _ in range(steps):
-            tokens.append(int(logits[-1].argmax()))
-            out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
-            logits.append(out.logits[0, -1].float())
-    return torch.stack(logits).numpy(), tokens
-
-
-def ort_greedy(sess: ort.InferenceSession, ids: np.ndarray, steps: int) -> tuple[np.ndarray, list[int]]:
-    """The same through the exported graph: prefill with an empty cache, then one token at a time."""
-    names, heads, head_dim = kv_layout(sess)
-    outputs = [o.name for o in sess.get_outputs()]
-    out = sess.run(outputs, feed(ids, empty_past(names, heads, head_dim), 0))
-    logits, tokens, past_len = [out[0][0, -1]], [], ids.shape[1]
-    for _ in range(steps):
-        tokens.append(int(logits[-1].argmax()))
-        past = dict(zip(names, out[1:], strict=True))
-        out = sess.run(outputs, feed(np.array([[tokens[-1]]], dtype=np.int64), past, past_len))
-        logits.append(out[0][0, -1])
-        past_len += 1
-    return np.stack(logits), tokens
+def greedy_trace(decoder: Decoder, ids: torch.Tensor) -> tuple[np.ndarray, list[int]]:
+    """Next-token logits after the prompt and after each greedy token, and the tokens, for `GREEDY_STEPS`."""
+    generation = generate(decoder, ids[0].tolist(), GREEDY_STEPS, keep_logits=True)
+    return np.stack(generation.logits), generation.tokens
 
 
 def check_parity(
@@ -87,7 +67,7 @@ def check_parity(
         return None
     max_diff, tolerance, matched, identical = 0.0, 0.0, 0, True
     for ids, (ref_logits, ref_tokens) in zip(prompts, references, strict=True):
-        logits, tokens = ort_greedy(sess, ids.numpy(), GREEDY_STEPS)
+        logits, tokens = greedy_trace(OnnxDecoder(sess), ids)
         same = 1 + _common_prefix(tokens, ref_tokens)  # logits after a divergence answer different contexts
         max_diff = max(max_diff, float(np.abs(logits[:same] - ref_logits[:same]).max()))
         tolerance = max(tolerance, RELATIVE_TOLERANCE * float(np.abs(ref_logits).max()))
@@ -122,7 +102,7 @@ def validate_parity(
     if artifact.model_file != artifact.reference_file:
         quantized = fake_quantize_(copy.deepcopy(model), artifact.precision)
         graphs.append((artifact.model_file, f"shipped {artifact.precision}", quantized))
-    references = {label: [torch_greedy(m, ids, GREEDY_STEPS) for ids in prompts] for _, label, m in graphs}
+    references = {label: [greedy_trace(TorchDecoder(m), ids) for ids in prompts] for _, label, m in graphs}
     results = []
     for provider in providers:
         for graph_file, label, _ in graphs:

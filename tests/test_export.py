@@ -15,7 +15,8 @@ from exporter.measure import session
 from exporter.models import describe, normalize_
 from exporter.plan import layers_at
 from exporter.select import get_method
-from exporter.validate import ort_greedy, torch_greedy
+from exporter.generate import OnnxDecoder, TorchDecoder
+from exporter.validate import greedy_trace
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "mistral", "phi3", "gemma", "gemma3_text"])
@@ -31,8 +32,8 @@ def test_factorized_export_matches_pytorch(tmp_path, family, tokenizer):
     assert [o.name for o in sess.get_outputs()] == ["logits", *present_names(spec.num_layers)]
     torch.manual_seed(1)
     ids = torch.randint(2, 300, (1, 40))  # longer than gemma3's sliding window of 32
-    ref_logits, ref_tokens = torch_greedy(model, ids, 8)
-    logits, tokens = ort_greedy(sess, ids.numpy(), 8)
+    ref_logits, ref_tokens = greedy_trace(TorchDecoder(model), ids)
+    logits, tokens = greedy_trace(OnnxDecoder(sess), ids)
     assert tokens == ref_tokens
     assert abs(logits - ref_logits).max() <= 1e-4 * max(1.0, abs(ref_logits).max())
     genai = json.loads((tmp_path / "genai_config.json").read_text())
