@@ -11,11 +11,11 @@ from conftest import build_tiny
 from exporter.contracts import RankPlan
 from exporter.export import export_model, past_names, present_names
 from exporter.factorize import factorize_
+from exporter.generate import OnnxDecoder, TorchDecoder
 from exporter.measure import session
 from exporter.models import describe, normalize_
 from exporter.plan import layers_at
 from exporter.select import get_method
-from exporter.generate import OnnxDecoder, TorchDecoder
 from exporter.validate import greedy_trace
 
 
