@@ -9,11 +9,12 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 
 import click
 
 from exporter.contracts import MIB, to_dict
-from exporter.errors import EdgeslimError
+from exporter.errors import EdgeslimError, UsageError
 from exporter.select import method_names
 from exporter.tasks import DEFAULT_TASK, TASKS
 
@@ -51,6 +52,8 @@ _model = click.option("--model", default=None,
                       help="Model folder, .gguf file or Hugging Face id. Default: embedded SmolLM2-135M-Instruct.")
 _rank_multiple = click.option("--rank-multiple", default=8, show_default=True, type=int,
                               help="Round every rank to a multiple of this.")
+_max_new_tokens = click.option("--max-new-tokens", default=256, show_default=True, type=int,
+                               help="Longest completion per evaluation item.")
 _safety = [
     click.option("--allow-pickle", is_flag=True, help="Allow .bin/.pt pickle weights (they can run code)."),
     click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model's folder or hub."),
@@ -82,11 +85,14 @@ def _with(options):
 @click.option("--calibration-seq-len", default=256, show_default=True, type=int)
 @click.option("--allocation", default="uniform", show_default=True,
               help="uniform: one keep ratio for every layer; global: ranks follow the method's basis scores.")
+@click.option("--eval", "evaluate", default=None, metavar="TASK[:N]",
+              help="Also measure task metrics of the dense, compressed and shipped models on N items (e.g. gsm8k:50).")
+@_max_new_tokens
 @_rank_multiple
 @_with(_safety)
 @_one_line_errors
 def export(device, model, task, method, out, data_dir, seed, no_cache, calibration_samples, calibration_seq_len,
-           allocation, rank_multiple, allow_pickle, trust_remote_code):
+           allocation, evaluate, max_new_tokens, rank_multiple, allow_pickle, trust_remote_code):
     """Compress, export to ONNX, validate in onnxruntime and report."""
     from exporter.pipeline import RunConfig, run  # heavy imports only when a command runs
 
@@ -94,7 +100,7 @@ def export(device, model, task, method, out, data_dir, seed, no_cache, calibrati
                            seed=seed, rank_multiple=rank_multiple, allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code, use_cache=not no_cache,
                            calibration_samples=calibration_samples, calibration_seq_len=calibration_seq_len,
-                           allocation=allocation))
+                           allocation=allocation, evaluate=evaluate, max_new_tokens=max_new_tokens))
     click.echo(f"wrote {result.artifact.folder}: validated, every budget met")
 
 
@@ -127,6 +133,65 @@ def plan(device, model, rank_multiple, as_json, allow_pickle, trust_remote_code)
                   f"(budget {profile.memory_budget_mib:g}), decode {p.decode_ms_per_token:.1f} ms/token "
                   f"(budget {profile.decode_ms_per_token:g}), prefill {p.prefill_ms:.0f} ms "
                   f"(budget {profile.prefill_ms:g})")
+
+
+@main.command(name="eval")
+@click.argument("folder", required=False, type=click.Path(file_okay=False))
+@_model
+@click.option("--task", required=True, help="gsm8k, mbpp, humaneval, code or wikitext.")
+@click.option("--limit", default=50, show_default=True, type=int, help="Items to evaluate.")
+@click.option("--reference", default=None,
+              help="A (dense) model to compare with: top-1 agreement and KL on the reference answers.")
+@click.option("--data-dir", default=None, help="Folder with gsm8k/, mbpp/, wikitext2/ (default: ../shared/data).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Chooses the items (and GSM8K's examples).")
+@click.option("--threads", default=None, type=int, help="onnxruntime threads (default: all cores).")
+@click.option("--json", "json_path", default=None, help="Also write the results to this file.")
+@_max_new_tokens
+@_with(_safety)
+@_one_line_errors
+def eval_(folder, model, task, limit, reference, data_dir, seed, threads, json_path, max_new_tokens, allow_pickle,
+          trust_remote_code):
+    """Task metrics of an export FOLDER (through onnxruntime) or of --model (through PyTorch)."""
+    from rich.console import Console
+
+    from exporter.evaluate import decoder_for_folder, evaluate
+    from exporter.generate import TorchDecoder
+    from exporter.grading import get_eval_task
+    from exporter.models import load_model
+    from exporter.report import print_evaluation, write_evaluation
+    from exporter.tasks import data_dir as data_folder
+
+    if (folder is None) == (model is None):
+        raise UsageError("give an export FOLDER (evaluated in onnxruntime) or --model (in PyTorch), not both")
+    if limit < 1:
+        raise UsageError(f"--limit {limit}: must be a positive integer")
+    eval_task = get_eval_task(task)
+    items = eval_task.items(data_folder(data_dir), limit, seed)
+    if folder is not None:
+        decoder, tokenizer = decoder_for_folder(folder, threads)
+    else:
+        loaded = load_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        decoder, tokenizer = TorchDecoder(loaded.model, f"{loaded.name} (PyTorch)"), loaded.tokenizer
+    ref = None
+    if reference is not None:
+        dense = load_model(reference, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        ref = TorchDecoder(dense.model, f"{dense.name} (PyTorch, reference)")
+    result = evaluate([decoder], tokenizer, eval_task, items, seed, max_new_tokens, reference=ref)
+    print_evaluation(result, Console())
+    paths = [Path(folder) / f"eval-{eval_task.name}.json"] if folder else []
+    for path in paths + ([Path(json_path)] if json_path else []):
+        write_evaluation(result, path)
+        click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("folder", type=click.Path(file_okay=False))
+@_one_line_errors
+def report(folder):
+    """(Re)build FOLDER/report.html from its report.json and any eval-*.json."""
+    from exporter.report_html import write_html
+
+    click.echo(f"wrote {write_html(Path(folder))}")
 
 
 @main.command()

@@ -188,6 +188,53 @@ class BudgetCheck:
 
 
 @dataclass(frozen=True)
+class ItemScore:
+    """One evaluation item for one model."""
+
+    item: str
+    correct: bool | None  # None for perplexity-only tasks
+    detail: str  # "answered 18, expected 18", "passed", "failed: AssertionError", "timeout", "blocked: ..."
+    completion: str  # what the model wrote (cut at the stop string)
+    new_tokens: int
+
+
+@dataclass(frozen=True)
+class ModelScores:
+    """One model's results on the evaluation's items."""
+
+    label: str  # e.g. "dense (PyTorch)", "shipped int4 (onnxruntime)"
+    metric: str  # "exact match", "pass@1" or "perplexity"
+    score: float | None  # fraction correct; None for perplexity-only tasks
+    perplexity: float  # of the reference answers given the items' own prompts, token-weighted
+    top1_vs_reference: float | None  # next-token agreement with the reference model on those answers
+    kl_vs_reference: float | None  # mean KL(reference || this model) per answer token, nats
+    seconds: float
+    items: tuple[ItemScore, ...]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Task metrics of several models on the same items (see exporter.grading for prompts and grading)."""
+
+    task: str
+    items: int
+    seed: int
+    max_new_tokens: int
+    reference: str | None  # the model top-1 and KL compare against
+    sandbox_network: str | None  # how code execution was cut off from the network, for code tasks
+    models: tuple[ModelScores, ...]
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """What the selection method thought each basis of one layer is worth, in keeping order (for the report)."""
+
+    layer: str
+    scores: tuple[float, ...]  # normalised to sum 1
+    kept: int | None  # None: the layer stayed dense
+
+
+@dataclass(frozen=True)
 class RunResult:
     """Everything one `edgeslim export` produced, as recorded in report.json."""
 
@@ -207,6 +254,8 @@ class RunResult:
     checks: tuple[BudgetCheck, ...]
     passed: bool
     failures: tuple[str, ...] = field(default_factory=tuple)
+    spectra: tuple[Spectrum, ...] = ()
+    evaluation: Evaluation | None = None  # with `export --eval`
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -2,15 +2,15 @@
 
 A `Decoder` has two calls: `start(prompt ids)` returns the next-token logits after the prompt, `step(token)` feeds
 one more token and returns the logits after it. Everything else is written once on top of that: greedy
-generation with stop strings and a token limit (`generate`), teacher-forced scoring for perplexity and for
-comparing two models position by position (`teacher_forced`). Because the ONNX graph returns last-position logits
-only, as on-device runtimes use it, scoring through onnxruntime also goes one token at a time.
+generation with stop strings and a token limit (`generate`), and teacher-forced logits (`logits_for`) for
+perplexity and for comparing two models position by position. Because the ONNX graph returns last-position logits
+only, as on-device runtimes use it, scoring through onnxruntime goes one token at a time; PyTorch does it in one
+forward pass.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +33,14 @@ class Decoder(ABC):
     def step(self, token: int) -> np.ndarray:
         """Append one token; return the logits after it."""
 
+    def logits_for(self, context: list[int], targets: list[int]) -> np.ndarray:
+        """(len(targets), vocab): the logits that predict each target, the true tokens fed (teacher forcing).
+        One token at a time by default, as a last-position-logits graph allows; `context` must not be empty."""
+        rows = [self.start(context)]
+        for token in targets[:-1]:
+            rows.append(self.step(token))
+        return np.stack(rows)
+
 
 class OnnxDecoder(Decoder):
     """The exported graph in onnxruntime: prefill with an empty cache, then one token at a time."""
@@ -45,8 +53,9 @@ class OnnxDecoder(Decoder):
         self.length = 0
 
     @classmethod
-    def from_file(cls, model_file: str | Path, provider: str = "CPUExecutionProvider", threads: int = 1):
-        return cls(session(str(model_file), provider, threads), f"onnxruntime ({Path(model_file).name})")
+    def from_file(cls, model_file: str | Path, provider: str = "CPUExecutionProvider", threads: int = 1,
+                  label: str | None = None) -> OnnxDecoder:
+        return cls(session(str(model_file), provider, threads), label or f"onnxruntime ({Path(model_file).name})")
 
     def start(self, ids: list[int]) -> np.ndarray:
         self.past, self.length = empty_past(self.names, self.heads, self.head_dim), 0
@@ -77,6 +86,13 @@ class TorchDecoder(Decoder):
     @torch.no_grad()
     def step(self, token: int) -> np.ndarray:
         return self._run(torch.tensor([[token]]))
+
+    @torch.no_grad()
+    def logits_for(self, context: list[int], targets: list[int]) -> np.ndarray:
+        """One forward pass: PyTorch returns the logits of every position."""
+        self.past = None
+        logits = self.model(input_ids=torch.tensor([context + targets[:-1]])).logits[0, len(context) - 1 :]
+        return logits.float().numpy()
 
     def _run(self, ids: torch.Tensor) -> np.ndarray:
         out = self.model(input_ids=ids, past_key_values=self.past, use_cache=True)
@@ -132,12 +148,3 @@ def _finish(text_tokens, tokens, tokenizer, stop_strings, reason, kept) -> Gener
     text = tokenizer.decode(text_tokens) if tokenizer is not None else ""
     cut = _first_stop(text, stop_strings)
     return Generation(tokens=tokens, text=text if cut is None else text[:cut], stopped_by=reason, logits=kept)
-
-
-def teacher_forced(decoder: Decoder, context: list[int], targets: list[int]) -> Iterator[np.ndarray]:
-    """The logits that predict each of `targets`, feeding the true tokens (context must not be empty)."""
-    logits = decoder.start(context)
-    for index, token in enumerate(targets):
-        yield logits
-        if index + 1 < len(targets):
-            logits = decoder.step(token)

@@ -169,7 +169,17 @@ def _finish(model, tokenizer, name, source, fingerprint) -> LoadedModel:
             f"--model {source}: the tokenizer has {len(tokenizer)} tokens but the model only "
             f"{model.config.vocab_size}; they do not belong together"
         )
+    _align_end_of_sequence(model, tokenizer)
     return LoadedModel(normalize_(model).eval(), tokenizer, name, source, fingerprint)
+
+
+def _align_end_of_sequence(model, tokenizer) -> None:
+    """Make the tokenizer's end-of-sequence token the model's. transformers' GGUF reader gives SmolLM2-Instruct's
+    tokenizer <|im_start|> as EOS while the model's config says <|im_end|>; generation (and the exported tokenizer
+    files) must stop where the model does."""
+    eos = model.config.eos_token_id
+    if isinstance(eos, int) and 0 <= eos < len(tokenizer) and tokenizer.eos_token_id != eos:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
 
 
 def normalize_(model: PreTrainedModel) -> PreTrainedModel:

@@ -7,6 +7,7 @@ removes its temporary folder; in neither case is an earlier good output touched.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
@@ -21,16 +22,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from exporter import plan as planner
 from exporter.cache import TensorCache, flatten, tensor_key, unflatten
 from exporter.calibration import calibration_batches
-from exporter.contracts import RankPlan, RunResult, to_json
+from exporter.contracts import Evaluation, RankPlan, RunResult, Spectrum, to_json
 from exporter.errors import UsageError, ValidationFailed
+from exporter.evaluate import evaluate
 from exporter.export import export_model
 from exporter.factorize import factorize_
+from exporter.generate import OnnxDecoder, TorchDecoder
+from exporter.grading import EvalTask, parse_eval_spec
 from exporter.models import cache_dir, describe, load_model
 from exporter.profile import load_profile
+from exporter.quantize import fake_quantize_
 from exporter.report import budget_checks, failure_lines, print_summary, write_report
+from exporter.report_html import write_html
 from exporter.select import SelectionMethod, get_method
 from exporter.tasks import DEFAULT_TASK, Task, data_dir, get_task, sample
-from exporter.validate import host_figures, measure_session, validate_parity
+from exporter.validate import CPU, host_figures, measure_session, validate_parity
 
 MAX_PROMPT_TOKENS = 64
 
@@ -52,13 +58,15 @@ class RunConfig:
     allocation: str = "uniform"  # or "global": ranks follow the method's basis scores across layers
     calibration_samples: int = 16  # windows of the task's calibration text, for methods that need data
     calibration_seq_len: int = 256
+    evaluate: str | None = None  # "task:N": task metrics of dense, compressed and shipped models on N items
+    max_new_tokens: int = 256  # per completion, for --eval
 
 
 def run(config: RunConfig, console: Console | None = None) -> RunResult:
     """profile -> plan -> select -> factorize -> export -> validate -> report; raises ValidationFailed."""
     console = console or Console(stderr=True)
     profile = load_profile(config.device)
-    task, method = _check_choices(config)
+    task, method, evaluation_task = _check_choices(config)
     torch.manual_seed(config.seed)
 
     with _progress(console) as progress:
@@ -75,6 +83,8 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult:
         progress.update(stage, total=1, completed=1, description=f"loaded {loaded.name}")
 
         rank_plan, stats = _plan_and_collect(config, loaded, spec, profile, task, method, progress)
+        dense = copy.deepcopy(model) if evaluation_task else None  # the reference the compressed model is judged by
+        spectra = _spectra(model, rank_plan, method, stats)
         stage = progress.add_task(f"selecting bases ({method.name})", total=len(rank_plan.factorized))
         with _single_thread():  # SVD on 2 threads of a busy machine can be 40x slower than on one
             layer_results = factorize_(model, rank_plan, method, stats, on_layer=lambda _: progress.advance(stage))
@@ -99,6 +109,10 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult:
             if artifact.reference_file != artifact.model_file:  # the fp32 reference was only for parity
                 _remove_graph(Path(artifact.reference_file))
                 artifact = replace(artifact, reference_file="(removed after validation)")
+            evaluation = None
+            if evaluation_task:
+                evaluation = _evaluate(config, evaluation_task, dense, model, artifact, loaded.tokenizer, threads,
+                                       progress)
             checks = budget_checks(profile, rank_plan, artifact, measurement)
             failures = failure_lines(parity, checks)
             result = RunResult(
@@ -106,10 +120,11 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult:
                 layers=layer_results, artifact=replace(artifact, folder=str(destination)), parity=tuple(parity),
                 providers_not_available=tuple(missing), quantization_top1_agreement=quant_agreement,
                 measurement=measurement, host=host, host_predicted=host_predicted, checks=checks,
-                passed=not failures, failures=failures,
+                passed=not failures, failures=failures, spectra=spectra, evaluation=evaluation,
             )
             (staging / "plan.json").write_text(to_json(rank_plan))
             write_report(result, staging)
+            write_html(staging)
             _publish(staging, destination if result.passed else _failed(destination))
 
     print_summary(result, console)
@@ -118,9 +133,12 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult:
     return result
 
 
-def _check_choices(config: RunConfig) -> tuple[Task, SelectionMethod]:
+def _check_choices(config: RunConfig) -> tuple[Task, SelectionMethod, tuple[EvalTask, int] | None]:
     """Every flag that can be checked before minutes of work."""
     task = get_task(config.task)
+    evaluation_task = parse_eval_spec(config.evaluate) if config.evaluate else None
+    if config.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {config.max_new_tokens}: must be a positive integer")
     if config.allocation not in ("uniform", "global"):
         raise UsageError(f"--allocation {config.allocation}: choose uniform or global")
     method = get_method(config.method, TensorCache(cache_dir() / "tensors" if config.use_cache else None))
@@ -128,7 +146,41 @@ def _check_choices(config: RunConfig) -> tuple[Task, SelectionMethod]:
         raise UsageError(f"--method {method.name} prunes to planned ranks while training; use --allocation uniform")
     if config.out:
         _check_destination(Path(config.out))
-    return task, method
+    return task, method, evaluation_task
+
+
+SPECTRUM_LAYERS = 3
+
+
+def _spectra(model, rank_plan: RankPlan, method: SelectionMethod, stats: dict) -> tuple[Spectrum, ...]:
+    """The method's basis scores for the first, a middle and the last factorized layer (report figures)."""
+    layers = rank_plan.factorized
+    if not layers:
+        return ()
+    picked = dict.fromkeys(layers[int(i * (len(layers) - 1) / (SPECTRUM_LAYERS - 1))] for i in range(SPECTRUM_LAYERS))
+    spectra = []
+    with _single_thread():
+        for layer in picked:
+            scores = method.scores(model.get_submodule(layer.name).weight.detach(), stats.get(layer.name)).double()
+            total = float(scores.sum()) or 1.0
+            spectra.append(Spectrum(layer.name, tuple(round(float(v) / total, 8) for v in scores), layer.rank))
+    return tuple(spectra)
+
+
+def _evaluate(config, evaluation_task, dense, model, artifact, tokenizer, threads, progress) -> Evaluation:
+    """Dense (PyTorch), compressed (PyTorch, weights rounded as shipped) and shipped (onnxruntime) models on
+    the same items; the dense model is the reference for top-1 agreement and KL."""
+    task, limit = evaluation_task
+    items = task.items(data_dir(config.data_dir), limit, config.seed)
+    compressed = model if artifact.precision == "fp32" else fake_quantize_(copy.deepcopy(model), artifact.precision)
+    decoders = [
+        TorchDecoder(compressed, "compressed (PyTorch)" if artifact.precision == "fp32"
+                     else f"compressed, {artifact.precision}-rounded (PyTorch)"),
+        OnnxDecoder.from_file(artifact.model_file, CPU, threads, f"shipped {artifact.precision} (onnxruntime)"),
+    ]
+    stage = progress.add_task(f"evaluating {task.name} on {len(items)} items", total=3 * len(items))
+    return evaluate(decoders, tokenizer, task, items, config.seed, config.max_new_tokens,
+                    reference=TorchDecoder(dense, "dense (PyTorch)"), advance=lambda: progress.advance(stage))
 
 
 def _plan_and_collect(config, loaded, spec, profile, task, method, progress) -> tuple[RankPlan, dict]:

@@ -8,6 +8,7 @@ comparing its prediction for this machine with what was measured here.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -17,6 +18,7 @@ from exporter.contracts import (
     MIB,
     BudgetCheck,
     DeviceProfile,
+    Evaluation,
     Measurement,
     OnnxArtifact,
     ParityResult,
@@ -71,6 +73,28 @@ def write_report(result: RunResult, folder: Path) -> None:
     (folder / "report.json").write_text(to_json(result))
 
 
+def write_evaluation(evaluation: Evaluation, path: Path) -> None:
+    """Written beside, then renamed: an interrupted write leaves no half file under the final name."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(to_json(evaluation))
+    os.replace(partial, path)
+
+
+def print_evaluation(evaluation: Evaluation, console: Console) -> None:
+    table = Table(title=f"{evaluation.task}: {evaluation.items} items (seed {evaluation.seed}, "
+                  f"≤{evaluation.max_new_tokens} new tokens)")
+    for column in ("model", "metric", "score", "answer perplexity", "top-1 vs reference", "KL vs reference",
+                   "seconds"):
+        table.add_column(column, justify="left" if column in ("model", "metric") else "right")
+    for m in evaluation.models:
+        table.add_row(m.label, m.metric, "" if m.score is None else f"{m.score:.1%}", f"{m.perplexity:.2f}",
+                      "" if m.top1_vs_reference is None else f"{m.top1_vs_reference:.1%}",
+                      "" if m.kl_vs_reference is None else f"{m.kl_vs_reference:.3f}", f"{m.seconds:.0f}")
+    console.print(table)
+    if evaluation.sandbox_network:
+        console.print(f"code ran sandboxed (network cut off by {evaluation.sandbox_network})")
+
+
 def print_summary(result: RunResult, console: Console) -> None:
     table = Table(title=f"{result.model} on {result.profile.name} ({result.profile.precision}, "
                   f"{result.method}, task {result.task})")
@@ -107,6 +131,8 @@ def print_summary(result: RunResult, console: Console) -> None:
         f"latency model on this machine: measured/predicted decode {check['decode_measured_over_predicted']}, "
         f"prefill {check['prefill_measured_over_predicted']}"
     )
+    if result.evaluation is not None:
+        print_evaluation(result.evaluation, console)
     for failure in result.failures:
         console.print(f"[red]failed:[/] {failure}")
 

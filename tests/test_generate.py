@@ -8,7 +8,7 @@ import torch
 from conftest import build_tiny
 
 from exporter.export import export_model
-from exporter.generate import Decoder, OnnxDecoder, TorchDecoder, generate, teacher_forced
+from exporter.generate import Decoder, OnnxDecoder, TorchDecoder, generate
 from exporter.models import describe, normalize_
 
 
@@ -66,5 +66,15 @@ def test_end_of_sequence_and_token_limit(tokenizer):
 
 def test_teacher_forcing_feeds_the_true_tokens():
     decoder = ScriptedDecoder([4, 4, 4, 4])
-    logits = list(teacher_forced(decoder, [3], [10, 11, 12]))
-    assert len(logits) == 3 and decoder.fed == [10, 11]
+    logits = decoder.logits_for([3], [10, 11, 12])
+    assert logits.shape == (3, 320) and decoder.fed == [10, 11]
+
+
+def test_teacher_forced_logits_agree_between_runtimes(tmp_path, tokenizer):
+    model = normalize_(build_tiny("llama"))
+    artifact = export_model(model, tokenizer, describe(model), tmp_path, "fp32", context_length=64)
+    context, targets = tokenizer("def f(x):").input_ids, tokenizer("\n    return x * 2\n").input_ids
+    one_pass = TorchDecoder(model).logits_for(context, targets)
+    stepped = OnnxDecoder.from_file(artifact.model_file).logits_for(context, targets)
+    assert one_pass.shape == stepped.shape == (len(targets), 320)
+    assert np.abs(one_pass - stepped).max() < 1e-4

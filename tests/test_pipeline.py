@@ -78,3 +78,29 @@ def test_collected_statistics_are_cached_per_model_and_data(tmp_path, tiny_model
     assert first.layers == second.layers
     run(RunConfig(out=str(tmp_path / "c"), seed=1, **config))  # other calibration sample: collected again
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("arch", ["llama"], indirect=True)
+def test_export_with_evaluation_renders_a_report(tmp_path, tiny_model_dir):
+    """--eval puts dense, compressed and shipped metrics side by side; report.html renders in a browser."""
+    from browser import render_in_browser
+
+    profile = write_profile(tmp_path / "p.yaml")
+    out = tmp_path / "out"
+    result = run(RunConfig(device=str(profile), model=str(tiny_model_dir), out=str(out), parity_prompts=1,
+                           evaluate="mbpp:2", max_new_tokens=8))
+    evaluation = result.evaluation
+    labels = [m.label for m in evaluation.models]
+    assert labels == ["dense (PyTorch)", "compressed, int4-rounded (PyTorch)", "shipped int4 (onnxruntime)"]
+    dense, compressed, shipped = evaluation.models
+    assert [i.item for i in dense.items] == [i.item for i in shipped.items], "the same items for every model"
+    assert [i.completion for i in compressed.items] == [i.completion for i in shipped.items]
+    assert shipped.perplexity == pytest.approx(compressed.perplexity, rel=1e-3)
+    assert dense.top1_vs_reference is None and shipped.top1_vs_reference is not None
+    report = json.loads((out / "report.json").read_text())
+    assert report["evaluation"]["task"] == "mbpp" and len(report["spectra"]) == 3
+    page = render_in_browser(out / "report.html", tmp_path)
+    for section in ("summary", "budgets", "ranks", "spectra", "parity", "evaluation-0"):
+        assert f'id="{section}"' in page, section
+    figures = page.count("<img")
+    assert figures == 4 and f'data-rendered-figures="{figures}"' in page  # budgets, ranks, spectra, evaluation

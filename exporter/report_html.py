@@ -1,0 +1,215 @@
+"""report.html: one self-contained page (figures embedded as PNG) built from report.json and any eval-*.json.
+
+Built from the JSON files only, so `edgeslim report FOLDER` can rebuild it at any time, and what the page shows is
+exactly what was recorded. Sections: summary, budgets (predicted vs measured vs budget), per-layer ranks, basis
+spectra, parity, and task metrics of dense vs compressed vs shipped models.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from exporter.errors import UsageError
+
+STYLE = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+td:first-child,th:first-child{text-align:left}.pass{color:#187a2f;font-weight:600}.fail{color:#b3261e;font-weight:600}
+img{max-width:100%}details{margin:.5em 0}pre{white-space:pre-wrap;background:#f6f6f6;padding:.4em;margin:0}
+"""
+
+
+def write_html(folder: Path) -> Path:
+    """Build `folder`/report.html; returns its path."""
+    report_file = folder / "report.json"
+    if not report_file.is_file():
+        raise UsageError(f"{folder}: no report.json here; pass a folder written by `edgeslim export`")
+    try:
+        report = json.loads(report_file.read_text())
+        evaluations = [json.loads(p.read_text()) for p in sorted(folder.glob("eval-*.json"))]
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{folder}: a report file is not valid JSON ({exc}); re-run the export or the eval") from None
+    if report.get("evaluation"):
+        evaluations.insert(0, report["evaluation"])
+    path = folder / "report.html"
+    partial = folder / ".report.html.partial"
+    partial.write_text(render(report, evaluations), encoding="utf-8")
+    os.replace(partial, path)
+    return path
+
+
+def render(report: dict, evaluations: list[dict]) -> str:
+    profile, plan = report["profile"], report["plan"]
+    title = f"{report['model']} on {profile['name']}"
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title><style>{STYLE}</style></head>",
+        f"<body><h1>{_e(title)}</h1>",
+        _summary(report),
+        "<section id='budgets'><h2>Budgets</h2>", _figure(_budget_figure(report["checks"])),
+        _checks_table(report["checks"]), "</section>",
+        "<section id='ranks'><h2>Per-layer ranks</h2>",
+        f"<p>{len([x for x in plan['layers'] if x['rank'] is not None])} of {len(plan['layers'])} projections "
+        f"factorized ({plan['allocation']} allocation); {plan['keep_ratio']:.1%} of their weights kept.</p>",
+        _figure(_ranks_figure(plan["layers"])), "</section>",
+    ]
+    if report.get("spectra"):
+        parts += ["<section id='spectra'><h2>Basis importance</h2>",
+                  f"<p>What {_e(report['method'])} thinks each basis is worth, in keeping order (cumulative share); "
+                  "the dashed line is where the layer was cut.</p>",
+                  _figure(_spectra_figure(report["spectra"])), "</section>"]
+    parts += ["<section id='parity'><h2>Parity in onnxruntime</h2>", _parity_table(report), "</section>"]
+    for index, evaluation in enumerate(evaluations):
+        parts += [f"<section id='evaluation-{index}' class='evaluation'><h2>Task metrics: {_e(evaluation['task'])}"
+                  f"</h2>", _evaluation(evaluation), "</section>"]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _summary(report: dict) -> str:
+    verdict = "<span class='pass'>validated, every budget met</span>" if report["passed"] else (
+        "<span class='fail'>FAILED</span><ul>" + "".join(f"<li>{_e(f)}</li>" for f in report["failures"]) + "</ul>")
+    profile, artifact = report["profile"], report["artifact"]
+    rows = [("model", report["model"]), ("target application", report["task"]), ("selection method", report["method"]),
+            ("device profile", f"{profile['name']}: {profile['description']}"),
+            ("precision", artifact["precision"]), ("file", f"{artifact['file_bytes'] / 2**20:.1f} MiB"),
+            ("providers not available here", ", ".join(report["providers_not_available"]) or "none")]
+    table = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows)
+    return f"<section id='summary'><h2>Summary</h2><p>{verdict}</p><table>{table}</table></section>"
+
+
+def _budget_figure(checks: list[dict]):
+    figure, axis = plt.subplots(figsize=(8, 0.6 + 0.8 * len(checks)))
+    labels = [f"{c['metric']} ({c['unit']})" for c in checks]
+    for offset, key, name in ((-0.2, "predicted", "predicted (device)"), (0.2, "measured", "measured (here)")):
+        values = [100 * (c[key] or 0) / c["budget"] for c in checks]
+        axis.barh([i + offset for i in range(len(checks))], values, height=0.4, label=name)
+    axis.axvline(100, color="black", linestyle="--", label="budget")
+    axis.set_yticks(range(len(checks)), labels)
+    axis.invert_yaxis()
+    axis.set_xlabel("% of budget")
+    axis.legend(loc="lower right", fontsize=8)
+    return figure
+
+
+def _ranks_figure(layers: list[dict]):
+    figure, axis = plt.subplots(figsize=(10, 3))
+    full = [min(x["d_in"], x["d_out"]) for x in layers]
+    kept = [f if x["rank"] is None else x["rank"] for x, f in zip(layers, full, strict=True)]
+    axis.bar(range(len(layers)), full, color="#ddd", width=1.0, label="full rank")
+    axis.bar(range(len(layers)), kept, color="#3b6fb6", width=1.0, label="kept rank (dense: full)")
+    axis.set_xlabel("projection (model order)")
+    axis.set_ylabel("rank")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def _spectra_figure(spectra: list[dict]):
+    figure, axis = plt.subplots(figsize=(8, 3.5))
+    for spectrum in spectra:
+        total, cumulative = 0.0, []
+        for value in spectrum["scores"]:
+            total += value
+            cumulative.append(total)
+        line = axis.plot(range(1, len(cumulative) + 1), cumulative, label=spectrum["layer"])[0]
+        if spectrum["kept"]:
+            axis.axvline(spectrum["kept"], color=line.get_color(), linestyle="--", linewidth=1)
+    axis.set_xlabel("bases kept")
+    axis.set_ylabel("cumulative share of importance")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def _evaluation_figure(models: list[dict]):
+    graded = [m for m in models if m["score"] is not None]
+    panels = 2 if graded else 1
+    figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 3))
+    axes = [axes] if panels == 1 else list(axes)
+    names = [m["label"] for m in models]
+    axes[-1].barh(names, [m["perplexity"] for m in models], color="#888")
+    axes[-1].set_xlabel("answer perplexity (lower is better)")
+    if graded:
+        axes[0].barh([m["label"] for m in graded], [100 * m["score"] for m in graded], color="#3b6fb6")
+        axes[0].set_xlabel(f"{graded[0]['metric']} (%)")
+        axes[0].set_xlim(0, 100)
+    for axis in axes:
+        axis.invert_yaxis()
+    figure.tight_layout()
+    return figure
+
+
+def _evaluation(evaluation: dict) -> str:
+    models = evaluation["models"]
+    rows = "".join(
+        f"<tr><td>{_e(m['label'])}</td><td>{_e(m['metric'])}</td><td>{_pct(m['score'])}</td>"
+        f"<td>{m['perplexity']:.2f}</td><td>{_pct(m['top1_vs_reference'])}</td>"
+        f"<td>{'' if m['kl_vs_reference'] is None else format(m['kl_vs_reference'], '.3f')}</td>"
+        f"<td>{m['seconds']:.0f}</td></tr>" for m in models)
+    head = ("<tr><th>model</th><th>metric</th><th>score</th><th>answer perplexity</th><th>top-1 vs reference</th>"
+            "<th>KL vs reference</th><th>seconds</th></tr>")
+    note = (f"<p>{evaluation['items']} items (seed {evaluation['seed']}), greedy, at most "
+            f"{evaluation['max_new_tokens']} new tokens; reference: {_e(evaluation['reference'] or 'none')}"
+            + (f"; code ran sandboxed, network cut off by {_e(evaluation['sandbox_network'])}"
+               if evaluation.get("sandbox_network") else "") + ".</p>")
+    details = "".join(
+        f"<details><summary>{_e(m['label'])}: per item</summary><table><tr><th>item</th><th>result</th>"
+        "<th>completion</th></tr>"
+        + "".join(f"<tr><td>{_e(i['item'])}</td><td>{_e(i['detail'])}</td><td><pre>{_e(i['completion'][:600])}"
+                  "</pre></td></tr>" for i in m["items"])
+        + "</table></details>" for m in models)
+    return note + _figure(_evaluation_figure(models)) + f"<table>{head}{rows}</table>" + details
+
+
+def _checks_table(checks: list[dict]) -> str:
+    head = ("<tr><th>metric</th><th>budget</th><th>predicted (device)</th><th>measured (here)</th>"
+            "<th>judged on</th><th>result</th></tr>")
+    rows = "".join(
+        f"<tr><td>{_e(c['metric'])}</td><td>{_num(c['budget'], c['unit'])}</td><td>{_num(c['predicted'], c['unit'])}"
+        f"</td><td>{_num(c['measured'], c['unit'])}</td><td>{_e(c['judged_on'])}</td><td>{_verdict(c['passed'])}</td>"
+        "</tr>" for c in checks)
+    return f"<table>{head}{rows}</table>"
+
+
+def _parity_table(report: dict) -> str:
+    head = ("<tr><th>graph</th><th>provider</th><th>max |Δlogits|</th><th>tolerance</th><th>greedy identical</th>"
+            "<th>result</th></tr>")
+    rows = "".join(
+        f"<tr><td>{_e(p['graph'])}</td><td>{_e(p['provider'])}</td><td>{p['max_abs_logit_diff']:.3g}</td>"
+        f"<td>{p['tolerance']:.3g}</td><td>{p['greedy_identical']} ({p['greedy_steps']} steps)</td>"
+        f"<td>{_verdict(p['passed'])}</td></tr>" for p in report["parity"])
+    return f"<table>{head}{rows}</table>"
+
+
+def _figure(figure) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f"<p><img class='figure' alt='figure' src='data:image/png;base64,{data}'></p>"
+
+
+def _e(value) -> str:
+    return html.escape(str(value))
+
+
+def _pct(value: float | None) -> str:
+    return "" if value is None else f"{value:.1%}"
+
+
+def _num(value: float | None, unit: str) -> str:
+    return "" if value is None else f"{value:,.1f} {_e(unit)}"
+
+
+def _verdict(passed: bool) -> str:
+    return "<span class='pass'>pass</span>" if passed else "<span class='fail'>FAIL</span>"
