@@ -101,7 +101,8 @@ def export(device, model, task, method, out, data_dir, seed, no_cache, calibrati
                            trust_remote_code=trust_remote_code, use_cache=not no_cache,
                            calibration_samples=calibration_samples, calibration_seq_len=calibration_seq_len,
                            allocation=allocation, evaluate=evaluate, max_new_tokens=max_new_tokens))
-    click.echo(f"wrote {result.artifact.folder}: validated, every budget met")
+    if result is not None:  # None: a helper process of a multi-process launch (relearning only)
+        click.echo(f"wrote {result.artifact.folder}: validated, every budget met")
 
 
 @main.command()

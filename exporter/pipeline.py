@@ -62,8 +62,11 @@ class RunConfig:
     max_new_tokens: int = 256  # per completion, for --eval
 
 
-def run(config: RunConfig, console: Console | None = None) -> RunResult:
-    """profile -> plan -> select -> factorize -> export -> validate -> report; raises ValidationFailed."""
+def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
+    """profile -> plan -> select -> factorize -> export -> validate -> report; raises ValidationFailed.
+
+    Under `accelerate launch` / torchrun with several processes, every process takes part in relearning (basel)
+    and only the main one goes on to export; the others return None."""
     console = console or Console(stderr=True)
     profile = load_profile(config.device)
     task, method, evaluation_task = _check_choices(config)
@@ -83,6 +86,8 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult:
         progress.update(stage, total=1, completed=1, description=f"loaded {loaded.name}")
 
         rank_plan, stats = _plan_and_collect(config, loaded, spec, profile, task, method, progress)
+        if _helper_process():
+            return None
         dense = copy.deepcopy(model) if evaluation_task else None  # the reference the compressed model is judged by
         spectra = _spectra(model, rank_plan, method, stats)
         stage = progress.add_task(f"selecting bases ({method.name})", total=len(rank_plan.factorized))
@@ -194,7 +199,9 @@ def _plan_and_collect(config, loaded, spec, profile, task, method, progress) -> 
     if method.needs != "nothing":
         calibration = calibration_batches(loaded.tokenizer, task.calibration(data_dir(config.data_dir)),
                                           config.calibration_samples, config.calibration_seq_len, config.seed)
-        stage = progress.add_task(f"collecting {method.needs} ({calibration.tokens} tokens of {task.name})",
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        where = f" on {processes} processes" if processes > 1 and method.needs == "training" else ""
+        stage = progress.add_task(f"collecting {method.needs} ({calibration.tokens} tokens of {task.name}){where}",
                                   total=method.passes * len(calibration.batches))
         ranks = {layer.name: layer.rank for layer in rank_plan.factorized}
         pruned_to = repr(ranks) if method.needs == "training" else ""  # only training prunes to the ranks
@@ -210,6 +217,15 @@ def _plan_and_collect(config, loaded, spec, profile, task, method, progress) -> 
                 progress.advance(stage)
         rank_plan = planner.allocate(spec, profile, scores, config.rank_multiple)
     return rank_plan, stats
+
+
+def _helper_process() -> bool:
+    """True in the secondary processes of a multi-process launch (they only share the relearning)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    from accelerate import PartialState
+
+    return not PartialState(cpu=not torch.cuda.is_available()).is_main_process
 
 
 def _failed(destination: Path) -> Path:

@@ -18,10 +18,13 @@ each layer lands exactly on its planned rank) rather than by coefficient mass.
 from __future__ import annotations
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 from torch import nn
 
 from exporter.baselines import SVDLLM, whitening
 from exporter.collect import activation_stats
+from exporter.errors import UsageError
 from exporter.select import SelectionMethod, register, svd
 
 NEW_BASES = 32
@@ -104,18 +107,31 @@ class Basel(SelectionMethod):
 
 
 def _train(model, calibration, layers, ranks, trainable, advance) -> None:
+    """The training loop runs on Hugging Face accelerate: one process on this machine's CPU (or its GPU), or data
+    parallel (DDP: gloo on CPUs, NCCL on GPUs) over every process of a torchrun / `accelerate launch` (each takes
+    its share of the batches, the gradients are averaged, so every process prunes the same bases). The frozen
+    bases are buffers that never change, so they are not re-broadcast each step. The model comes back on the CPU."""
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),  # cpu=True is what lets torchrun's CPU ranks meet
+                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # the merged weights are read from the layers' own parameters, which sharding would split across ranks
+        raise UsageError(f"relearning runs data-parallel; {accelerator.distributed_type.value} sharding is not "
+                         "supported yet: launch with torchrun or `accelerate launch --multi_gpu`")
     optimizer = torch.optim.Adam(trainable, lr=LEARNING_RATE)
-    batches = calibration.batches
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    batches = calibration.batches[rank::world][: max(1, len(calibration.batches) // world)]
     total = EPOCHS * len(batches)
     prune_from = len(batches)  # one epoch of relearning only, then prune while training
     prune_every = max(1, (total - prune_from) // PRUNE_STEPS)
     step = 0
     for _ in range(EPOCHS):
         for batch in batches:
+            batch = batch.to(accelerator.device)
             with torch.enable_grad():
-                loss = model(input_ids=batch, labels=batch).loss
+                loss = wrapped(input_ids=batch, labels=batch).loss
                 optimizer.zero_grad()
-                loss.backward()
+                accelerator.backward(loss)
                 optimizer.step()
             step += 1
             if step >= prune_from and (step - prune_from) % prune_every == 0:
@@ -126,6 +142,7 @@ def _train(model, calibration, layers, ranks, trainable, advance) -> None:
             advance()
     for name, layer in layers.items():
         layer.prune_to(ranks[name])
+    accelerator.unwrap_model(wrapped).to("cpu")
 
 
 def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
