@@ -85,8 +85,9 @@ def _with(options):
 @click.option("--calibration-seq-len", default=256, show_default=True, type=int)
 @click.option("--allocation", default="uniform", show_default=True,
               help="uniform: one keep ratio for every layer; global: ranks follow the method's basis scores.")
-@click.option("--eval", "evaluate", default=None, metavar="TASK[:N]",
-              help="Also measure task metrics of the dense, compressed and shipped models on N items (e.g. gsm8k:50).")
+@click.option("--eval", "evaluate", default=None, metavar="TASK[:N],...",
+              help="Also measure task metrics of the dense, compressed and shipped models on N items of each task "
+                   "(e.g. gsm8k:50,mbpp:50).")
 @_max_new_tokens
 @_rank_multiple
 @_with(_safety)

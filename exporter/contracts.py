@@ -255,7 +255,7 @@ class RunResult:
     passed: bool
     failures: tuple[str, ...] = field(default_factory=tuple)
     spectra: tuple[Spectrum, ...] = ()
-    evaluation: Evaluation | None = None  # with `export --eval`
+    evaluations: tuple[Evaluation, ...] = ()  # with `export --eval`, one per task
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

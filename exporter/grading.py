@@ -143,12 +143,12 @@ def get_eval_task(name: str) -> EvalTask:
 DEFAULT_ITEMS = 50
 
 
-def parse_eval_spec(spec: str) -> tuple[EvalTask, int]:
-    """`task` or `task:N` (N items) as `export --eval` takes it."""
-    name, _, count = spec.partition(":")
-    task = get_eval_task(name)
-    if not count:
-        return task, DEFAULT_ITEMS
-    if not count.isdigit() or int(count) < 1:
-        raise UsageError(f"--eval {spec}: the item count must be a positive integer, e.g. {name}:50")
-    return task, int(count)
+def parse_eval_spec(spec: str) -> list[tuple[EvalTask, int]]:
+    """`task[:N][,task[:N]...]` (N items, default `DEFAULT_ITEMS`) as `export --eval` takes it."""
+    parsed = []
+    for part in spec.split(","):
+        name, _, count = part.strip().partition(":")
+        if count and (not count.isdigit() or int(count) < 1):
+            raise UsageError(f"--eval {spec}: the item count must be a positive integer, e.g. {name}:50")
+        parsed.append((get_eval_task(name), int(count) if count else DEFAULT_ITEMS))
+    return parsed

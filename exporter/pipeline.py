@@ -69,7 +69,7 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
     and only the main one goes on to export; the others return None."""
     console = console or Console(stderr=True)
     profile = load_profile(config.device)
-    task, method, evaluation_task = _check_choices(config)
+    task, method, evaluation_tasks = _check_choices(config)
     torch.manual_seed(config.seed)
 
     with _progress(console) as progress:
@@ -88,7 +88,7 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
         rank_plan, stats = _plan_and_collect(config, loaded, spec, profile, task, method, progress)
         if _helper_process():
             return None
-        dense = copy.deepcopy(model) if evaluation_task else None  # the reference the compressed model is judged by
+        dense = copy.deepcopy(model) if evaluation_tasks else None  # the reference the compressed model is judged by
         spectra = _spectra(model, rank_plan, method, stats)
         stage = progress.add_task(f"selecting bases ({method.name})", total=len(rank_plan.factorized))
         with _single_thread():  # SVD on 2 threads of a busy machine can be 40x slower than on one
@@ -114,10 +114,8 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
             if artifact.reference_file != artifact.model_file:  # the fp32 reference was only for parity
                 _remove_graph(Path(artifact.reference_file))
                 artifact = replace(artifact, reference_file="(removed after validation)")
-            evaluation = None
-            if evaluation_task:
-                evaluation = _evaluate(config, evaluation_task, dense, model, artifact, loaded.tokenizer, threads,
-                                       progress)
+            evaluations = _evaluate(config, evaluation_tasks, dense, model, artifact, loaded.tokenizer, threads,
+                                    progress) if evaluation_tasks else ()
             checks = budget_checks(profile, rank_plan, artifact, measurement)
             failures = failure_lines(parity, checks)
             result = RunResult(
@@ -125,7 +123,7 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
                 layers=layer_results, artifact=replace(artifact, folder=str(destination)), parity=tuple(parity),
                 providers_not_available=tuple(missing), quantization_top1_agreement=quant_agreement,
                 measurement=measurement, host=host, host_predicted=host_predicted, checks=checks,
-                passed=not failures, failures=failures, spectra=spectra, evaluation=evaluation,
+                passed=not failures, failures=failures, spectra=spectra, evaluations=evaluations,
             )
             (staging / "plan.json").write_text(to_json(rank_plan))
             write_report(result, staging)
@@ -138,10 +136,10 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
     return result
 
 
-def _check_choices(config: RunConfig) -> tuple[Task, SelectionMethod, tuple[EvalTask, int] | None]:
+def _check_choices(config: RunConfig) -> tuple[Task, SelectionMethod, list[tuple[EvalTask, int]]]:
     """Every flag that can be checked before minutes of work."""
     task = get_task(config.task)
-    evaluation_task = parse_eval_spec(config.evaluate) if config.evaluate else None
+    evaluation_tasks = parse_eval_spec(config.evaluate) if config.evaluate else []
     if config.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {config.max_new_tokens}: must be a positive integer")
     if config.allocation not in ("uniform", "global"):
@@ -151,7 +149,7 @@ def _check_choices(config: RunConfig) -> tuple[Task, SelectionMethod, tuple[Eval
         raise UsageError(f"--method {method.name} prunes to planned ranks while training; use --allocation uniform")
     if config.out:
         _check_destination(Path(config.out))
-    return task, method, evaluation_task
+    return task, method, evaluation_tasks
 
 
 SPECTRUM_LAYERS = 3
@@ -172,20 +170,23 @@ def _spectra(model, rank_plan: RankPlan, method: SelectionMethod, stats: dict) -
     return tuple(spectra)
 
 
-def _evaluate(config, evaluation_task, dense, model, artifact, tokenizer, threads, progress) -> Evaluation:
+def _evaluate(config, evaluation_tasks, dense, model, artifact, tokenizer, threads, progress) -> tuple[Evaluation, ...]:
     """Dense (PyTorch), compressed (PyTorch, weights rounded as shipped) and shipped (onnxruntime) models on
-    the same items; the dense model is the reference for top-1 agreement and KL."""
-    task, limit = evaluation_task
-    items = task.items(data_dir(config.data_dir), limit, config.seed)
+    the same items of each task; the dense model is the reference for top-1 agreement and KL."""
     compressed = model if artifact.precision == "fp32" else fake_quantize_(copy.deepcopy(model), artifact.precision)
+    reference = TorchDecoder(dense, "dense (PyTorch)")
     decoders = [
         TorchDecoder(compressed, "compressed (PyTorch)" if artifact.precision == "fp32"
                      else f"compressed, {artifact.precision}-rounded (PyTorch)"),
         OnnxDecoder.from_file(artifact.model_file, CPU, threads, f"shipped {artifact.precision} (onnxruntime)"),
     ]
-    stage = progress.add_task(f"evaluating {task.name} on {len(items)} items", total=3 * len(items))
-    return evaluate(decoders, tokenizer, task, items, config.seed, config.max_new_tokens,
-                    reference=TorchDecoder(dense, "dense (PyTorch)"), advance=lambda: progress.advance(stage))
+    evaluations = []
+    for task, limit in evaluation_tasks:
+        items = task.items(data_dir(config.data_dir), limit, config.seed)
+        stage = progress.add_task(f"evaluating {task.name} on {len(items)} items", total=3 * len(items))
+        evaluations.append(evaluate(decoders, tokenizer, task, items, config.seed, config.max_new_tokens,
+                                    reference=reference, advance=lambda stage=stage: progress.advance(stage)))
+    return tuple(evaluations)
 
 
 def _plan_and_collect(config, loaded, spec, profile, task, method, progress) -> tuple[RankPlan, dict]:

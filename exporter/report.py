@@ -131,8 +131,8 @@ def print_summary(result: RunResult, console: Console) -> None:
         f"latency model on this machine: measured/predicted decode {check['decode_measured_over_predicted']}, "
         f"prefill {check['prefill_measured_over_predicted']}"
     )
-    if result.evaluation is not None:
-        print_evaluation(result.evaluation, console)
+    for evaluation in result.evaluations:
+        print_evaluation(evaluation, console)
     for failure in result.failures:
         console.print(f"[red]failed:[/] {failure}")
 

@@ -39,8 +39,7 @@ def write_html(folder: Path) -> Path:
         evaluations = [json.loads(p.read_text()) for p in sorted(folder.glob("eval-*.json"))]
     except json.JSONDecodeError as exc:
         raise UsageError(f"{folder}: a report file is not valid JSON ({exc}); re-run the export or the eval") from None
-    if report.get("evaluation"):
-        evaluations.insert(0, report["evaluation"])
+    evaluations = report.get("evaluations", []) + evaluations  # export --eval first, then later `edgeslim eval`s
     path = folder / "report.html"
     partial = folder / ".report.html.partial"
     partial.write_text(render(report, evaluations), encoding="utf-8")

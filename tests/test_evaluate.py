@@ -77,8 +77,10 @@ def test_gsm8k_items_grade_the_final_number():
 
 
 def test_eval_specs():
-    assert parse_eval_spec("gsm8k:7")[1] == 7 and parse_eval_spec("mbpp")[1] == 50
-    for bad in ("gsm8k:0", "gsm8k:x", "poetry:3"):
+    assert parse_eval_spec("gsm8k:7")[0][1] == 7 and parse_eval_spec("mbpp")[0][1] == 50
+    both = parse_eval_spec("gsm8k:3,mbpp:4")
+    assert [(task.name, n) for task, n in both] == [("gsm8k", 3), ("mbpp", 4)]
+    for bad in ("gsm8k:0", "gsm8k:x", "poetry:3", "gsm8k:3,"):
         with pytest.raises(UsageError):
             parse_eval_spec(bad)
 

@@ -89,7 +89,7 @@ def test_export_with_evaluation_renders_a_report(tmp_path, tiny_model_dir):
     out = tmp_path / "out"
     result = run(RunConfig(device=str(profile), model=str(tiny_model_dir), out=str(out), parity_prompts=1,
                            evaluate="mbpp:2", max_new_tokens=8))
-    evaluation = result.evaluation
+    (evaluation,) = result.evaluations
     labels = [m.label for m in evaluation.models]
     assert labels == ["dense (PyTorch)", "compressed, int4-rounded (PyTorch)", "shipped int4 (onnxruntime)"]
     dense, compressed, shipped = evaluation.models
@@ -98,7 +98,7 @@ def test_export_with_evaluation_renders_a_report(tmp_path, tiny_model_dir):
     assert shipped.perplexity == pytest.approx(compressed.perplexity, rel=1e-3)
     assert dense.top1_vs_reference is None and shipped.top1_vs_reference is not None
     report = json.loads((out / "report.json").read_text())
-    assert report["evaluation"]["task"] == "mbpp" and len(report["spectra"]) == 3
+    assert report["evaluations"][0]["task"] == "mbpp" and len(report["spectra"]) == 3
     page = render_in_browser(out / "report.html", tmp_path)
     for section in ("summary", "budgets", "ranks", "spectra", "parity", "evaluation-0"):
         assert f'id="{section}"' in page, section
