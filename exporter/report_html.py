@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import itertools
 import json
 import os
 from pathlib import Path
@@ -106,25 +107,22 @@ def _ranks_figure(layers: list[dict]):
     kept = [f if x["rank"] is None else x["rank"] for x, f in zip(layers, full, strict=True)]
     axis.bar(range(len(layers)), full, color="#ddd", width=1.0, label="full rank")
     axis.bar(range(len(layers)), kept, color="#3b6fb6", width=1.0, label="kept rank (dense: full)")
-    axis.set_xlabel("projection (model order)")
-    axis.set_ylabel("rank")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    return figure
+    return _labelled(figure, axis, "projection (model order)", "rank")
 
 
 def _spectra_figure(spectra: list[dict]):
     figure, axis = plt.subplots(figsize=(8, 3.5))
     for spectrum in spectra:
-        total, cumulative = 0.0, []
-        for value in spectrum["scores"]:
-            total += value
-            cumulative.append(total)
+        cumulative = list(itertools.accumulate(spectrum["scores"]))
         line = axis.plot(range(1, len(cumulative) + 1), cumulative, label=spectrum["layer"])[0]
         if spectrum["kept"]:
             axis.axvline(spectrum["kept"], color=line.get_color(), linestyle="--", linewidth=1)
-    axis.set_xlabel("bases kept")
-    axis.set_ylabel("cumulative share of importance")
+    return _labelled(figure, axis, "bases kept", "cumulative share of importance")
+
+
+def _labelled(figure, axis, xlabel: str, ylabel: str):
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
     axis.legend(fontsize=7)
     figure.tight_layout()
     return figure

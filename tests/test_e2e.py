@@ -32,12 +32,22 @@ def test_wearable_plan_must_compress_and_fits():
     assert any(layer["kind"] == "factorized" for layer in plan["layers"])
 
 
-def test_phone_export_validates_and_fits(tmp_path):
-    out = tmp_path / "smollm2-phone"
-    done = edgeslim("export", "--device", "device_profiles/phone.yaml", "--out", str(out))
+EVAL = ("--eval", "gsm8k:3,mbpp:3", "--max-new-tokens", "128")
+
+
+@pytest.fixture(scope="module")
+def phone_export(tmp_path_factory) -> Path:
+    """The README's main command, plus evaluation of a few GSM8K and MBPP items."""
+    out = tmp_path_factory.mktemp("e2e") / "smollm2-phone"
+    done = edgeslim("export", "--device", "device_profiles/phone.yaml", "--out", str(out), *EVAL)
     assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_phone_export_validates_and_fits(phone_export):
+    out, tmp_path = phone_export, phone_export.parent
     files = {p.name for p in out.iterdir()}
-    assert {"model.onnx", "model.onnx.data", "genai_config.json", "plan.json", "report.json",
+    assert {"model.onnx", "model.onnx.data", "genai_config.json", "plan.json", "report.json", "report.html",
             "tokenizer.json"} <= files
     report = json.loads((out / "report.json").read_text())
     profile = report["profile"]
@@ -51,3 +61,39 @@ def test_phone_export_validates_and_fits(tmp_path):
     assert genai["search"]["past_present_share_buffer"] is False
     assert genai["model"]["decoder"]["num_hidden_layers"] == 30
     assert not list(tmp_path.glob(".*partial*")), "no staging folder may be left behind"
+
+
+def test_shipped_model_answers_like_the_pytorch_model(phone_export):
+    """Same items, same completions: the int4 ONNX graph in onnxruntime and the int4-rounded PyTorch model."""
+    report = json.loads((phone_export / "report.json").read_text())
+    assert [e["task"] for e in report["evaluations"]] == ["gsm8k", "mbpp"]
+    for evaluation in report["evaluations"]:
+        dense, compressed, shipped = evaluation["models"]
+        assert dense["label"] == "dense (PyTorch)" and shipped["label"].endswith("(onnxruntime)")
+        assert [i["item"] for i in dense["items"]] == [i["item"] for i in shipped["items"]]
+        assert [i["completion"] for i in compressed["items"]] == [i["completion"] for i in shipped["items"]]
+        assert [i["correct"] for i in compressed["items"]] == [i["correct"] for i in shipped["items"]]
+        assert shipped["perplexity"] == pytest.approx(compressed["perplexity"], rel=1e-2)
+        assert 0 <= shipped["top1_vs_reference"] <= 1 and shipped["kl_vs_reference"] >= 0
+    assert report["evaluations"][1]["sandbox_network"] in ("namespace", "audit hook")
+
+
+def test_eval_command_reproduces_the_exports_evaluation(phone_export, tmp_path):
+    done = edgeslim("eval", str(phone_export), "--task", "mbpp", "--limit", "3", "--max-new-tokens", "128",
+                    "--json", str(tmp_path / "mbpp.json"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = json.loads((tmp_path / "mbpp.json").read_text())["models"][0]
+    report = json.loads((phone_export / "report.json").read_text())
+    shipped = report["evaluations"][1]["models"][2]
+    assert [i["completion"] for i in again["items"]] == [i["completion"] for i in shipped["items"]]
+    assert again["perplexity"] == pytest.approx(shipped["perplexity"], rel=1e-4)
+
+
+def test_report_renders_with_its_figures(phone_export, tmp_path):
+    from browser import render_in_browser
+
+    page = render_in_browser(phone_export / "report.html", tmp_path)
+    for section in ("summary", "budgets", "ranks", "spectra", "parity", "evaluation-0", "evaluation-1"):
+        assert f'id="{section}"' in page, section
+    figures = page.count("<img")
+    assert figures == 5 and f'data-rendered-figures="{figures}"' in page
