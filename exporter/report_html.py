@@ -98,6 +98,7 @@ def _budget_figure(checks: list[dict]):
     axis.invert_yaxis()
     axis.set_xlabel("% of budget")
     axis.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
     return figure
 
 
@@ -135,7 +136,8 @@ def _evaluation_figure(models: list[dict]):
     axes = [axes] if panels == 1 else list(axes)
     names = [m["label"] for m in models]
     axes[-1].barh(names, [m["perplexity"] for m in models], color="#888")
-    axes[-1].set_xlabel("answer perplexity (lower is better)")
+    axes[-1].set_xscale("log")
+    axes[-1].set_xlabel("answer perplexity (log; lower is better)")
     if graded:
         axes[0].barh([m["label"] for m in graded], [100 * m["score"] for m in graded], color="#3b6fb6")
         axes[0].set_xlabel(f"{graded[0]['metric']} (%)")
