@@ -7,7 +7,7 @@ compressed PyTorch model and the shipped ONNX model on the same N items. Writes
 scripts/results/eval_grid.md and eval_grid.png (size vs task metric, one line per model and task, dense marked).
 
     python scripts/eval_grid.py [--models default] [--tasks gsm8k,mbpp] \\
-        [--devices phone-flagship,phone,wearable] [--items 20] [--max-new-tokens 192]
+        [--devices phone-flagship,phone,wearable] [--items 20] [--max-new-tokens 192] [--out DIR]
 """
 
 from __future__ import annotations
@@ -62,16 +62,18 @@ def main() -> None:
     parser.add_argument("--devices", default="phone-flagship,phone,wearable")
     parser.add_argument("--items", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=192)
+    parser.add_argument("--out", default=None, help="keep every cell's export folder here (default: discarded)")
     args = parser.parse_args()
     print(f"machine: {platform.platform()}, {os.cpu_count()} cpus; {args.items} items per task, greedy, "
           f"<= {args.max_new_tokens} new tokens; each cell one `edgeslim export --eval` in a fresh process")
     print(" | ".join(HEADER), flush=True)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="edgeslim-grid-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="edgeslim-grid-") as scratch:
+        workdir = Path(args.out or scratch)
         for model in args.models.split(","):
             for task in args.tasks.split(","):
                 for device in args.devices.split(","):
-                    rows.append(cell(model, task, device, args.items, args.max_new_tokens, Path(workdir)))
+                    rows.append(cell(model, task, device, args.items, args.max_new_tokens, workdir))
                     print(" | ".join(rows[-1]), flush=True)
     write(rows)
 
