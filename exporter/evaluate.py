@@ -162,13 +162,6 @@ def evaluate(
     )
 
 
-def agreement(first: ModelScores, second: ModelScores) -> float:
-    """Fraction of items where two models wrote the same completion (e.g. ONNX vs PyTorch of one model)."""
-    pairs = list(zip(first.items, second.items, strict=True))
-    return sum(a.completion == b.completion for a, b in pairs) / max(len(pairs), 1)
-
-
-
 def decoder_for_folder(folder: str | Path, threads: int | None = None) -> tuple[OnnxDecoder, PreTrainedTokenizerBase]:
     """The shipped graph of an export folder in onnxruntime (CPU), with the tokenizer exported beside it."""
     folder = Path(folder)
