@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 HEADER = ["model", "task", "device", "kept", "file MiB", "metric", "dense", "compressed (PyTorch)",
-          "shipped (onnxruntime)", "same completions", "minutes"]
+          "shipped (onnxruntime)", "same completions", "answer ppl dense", "answer ppl shipped", "minutes"]
 
 
 def cell(model: str, task: str, device: str, items: int, max_new_tokens: int, workdir: Path) -> list[str]:
@@ -41,13 +41,18 @@ def cell(model: str, task: str, device: str, items: int, max_new_tokens: int, wo
     report_file = out / "report.json" if done.returncode == 0 else Path(f"{out}.failed") / "report.json"
     if not report_file.is_file():
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return [model, task, device, "", "", "", "", "", "", "", f"failed: {tail}"]
-    report = json.loads(report_file.read_text())
+        return [model, task, device] + [""] * (len(HEADER) - 4) + [f"failed: {tail}"]
+    return summarize(json.loads(report_file.read_text()), model, task, device, minutes)
+
+
+def summarize(report: dict, model: str, task: str, device: str, minutes: float) -> list[str]:
+    """One table row from an export's report.json."""
     dense, compressed, shipped = report["evaluations"][0]["models"]
     same = sum(a["completion"] == b["completion"] for a, b in zip(compressed["items"], shipped["items"], strict=True))
     return [model, task, device, f"{report['plan']['keep_ratio']:.0%}",
             f"{report['artifact']['file_bytes'] / 2**20:.1f}", dense["metric"], _score(dense), _score(compressed),
-            _score(shipped), f"{same}/{len(shipped['items'])}", f"{minutes:.1f}"]
+            _score(shipped), f"{same}/{len(shipped['items'])}", f"{dense['perplexity']:.2f}",
+            f"{shipped['perplexity']:.2f}", f"{minutes:.1f}"]
 
 
 def _score(model: dict) -> str:
