@@ -48,13 +48,14 @@ def test_export_validates_each_precision(tmp_path, tiny_model_dir, precision):
 
 
 @pytest.mark.parametrize("arch", ["qwen2"], indirect=True)
-def test_data_aware_method_with_global_allocation(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("method", ["svdllm", "taylor", "hessian"])
+def test_data_aware_method_with_global_allocation(tmp_path, tiny_model_dir, method):
     profile = write_profile(tmp_path / "p.yaml")
     out = tmp_path / "out"
     result = run(RunConfig(device=str(profile), model=str(tiny_model_dir), out=str(out), parity_prompts=1,
-                           method="svdllm", allocation="global", calibration_samples=4, calibration_seq_len=32))
+                           method=method, allocation="global", calibration_samples=4, calibration_seq_len=32))
     assert result.passed, result.failures
-    assert result.plan.allocation == "global" and result.method == "svdllm"
+    assert result.plan.allocation == "global" and result.method == method
     plan = json.loads((out / "plan.json").read_text())
     assert plan["allocation"] == "global"
     ranks = {layer["rank"] for layer in plan["layers"]}
