@@ -165,8 +165,9 @@ def eval_(folder, model, task, limit, reference, data_dir, seed, threads, json_p
 
     if (folder is None) == (model is None):
         raise UsageError("give an export FOLDER (evaluated in onnxruntime) or --model (in PyTorch), not both")
-    if limit < 1:
-        raise UsageError(f"--limit {limit}: must be a positive integer")
+    if limit < 1 or max_new_tokens < 1:
+        flag, value = ("--limit", limit) if limit < 1 else ("--max-new-tokens", max_new_tokens)
+        raise UsageError(f"{flag} {value}: must be a positive integer")
     eval_task = get_eval_task(task)
     items = eval_task.items(data_folder(data_dir), limit, seed)
     if folder is not None:

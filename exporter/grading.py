@@ -133,11 +133,11 @@ EVAL_TASKS = {
 }
 
 
-def get_eval_task(name: str) -> EvalTask:
+def get_eval_task(name: str, flag: str = "--task") -> EvalTask:
     try:
         return EVAL_TASKS[name]
     except KeyError:
-        raise UsageError(f"--task {name}: cannot be evaluated; choose one of {', '.join(EVAL_TASKS)}") from None
+        raise UsageError(f"{flag} {name}: cannot be evaluated; choose one of {', '.join(EVAL_TASKS)}") from None
 
 
 DEFAULT_ITEMS = 50
@@ -148,7 +148,9 @@ def parse_eval_spec(spec: str) -> list[tuple[EvalTask, int]]:
     parsed = []
     for part in spec.split(","):
         name, _, count = part.strip().partition(":")
+        if not name:
+            raise UsageError(f"--eval {spec}: a task name is missing; write e.g. gsm8k:50,mbpp:50")
         if count and (not count.isdigit() or int(count) < 1):
             raise UsageError(f"--eval {spec}: the item count must be a positive integer, e.g. {name}:50")
-        parsed.append((get_eval_task(name), int(count) if count else DEFAULT_ITEMS))
+        parsed.append((get_eval_task(name, f"--eval {spec}: task"), int(count) if count else DEFAULT_ITEMS))
     return parsed
