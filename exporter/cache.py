@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-FORMAT = "v1"  # bump when what a key's computation returns changes
+FORMAT = "v2"  # bump when what a key's computation returns changes
+ALIAS = "@"  # flatten: "layer/@owner" means layer shares owner's statistics
 
 
 class TensorCache:
@@ -69,13 +70,27 @@ def tensor_key(*parts: str | torch.Tensor) -> str:
 
 
 def flatten(stats: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Per-layer statistics as one flat mapping, "layer/field" -> tensor, the form a cache entry holds."""
-    return {f"{layer}/{field}": value for layer, fields in stats.items() for field, value in fields.items()}
+    """Per-layer statistics as one flat mapping, "layer/field" -> tensor, the form a cache entry holds. Layers that
+    share one entry (projections reading the same input) store it once: the others hold "layer/@owner"."""
+    flat, owners = {}, {}
+    for layer, fields in stats.items():
+        owner = owners.setdefault(id(fields), layer)
+        if owner != layer:
+            flat[f"{layer}/{ALIAS}{owner}"] = torch.zeros(0)
+            continue
+        flat.update({f"{layer}/{field}": value for field, value in fields.items()})
+    return flat
 
 
 def unflatten(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     stats: dict[str, dict[str, torch.Tensor]] = {}
+    aliases = {}
     for key, value in flat.items():
         layer, _, field = key.rpartition("/")
-        stats.setdefault(layer, {})[field] = value
+        if field.startswith(ALIAS):
+            aliases[layer] = field.removeprefix(ALIAS)
+        else:
+            stats.setdefault(layer, {})[field] = value
+    for layer, owner in aliases.items():
+        stats[layer] = stats[owner]
     return stats

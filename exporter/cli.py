@@ -10,6 +10,7 @@ import functools
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -17,6 +18,9 @@ from exporter.contracts import MIB, to_dict
 from exporter.errors import EdgeslimError, UsageError
 from exporter.select import method_names
 from exporter.tasks import DEFAULT_TASK, TASKS
+
+if TYPE_CHECKING:
+    from exporter.pipeline import RunConfig
 
 
 def _one_line_errors(command):
@@ -50,8 +54,6 @@ _device = click.option("--device", "device", required=True, type=click.Path(dir_
                        help="Device profile YAML (see `edgeslim devices`).")
 _model = click.option("--model", default=None,
                       help="Model folder, .gguf file or Hugging Face id. Default: embedded SmolLM2-135M-Instruct.")
-_rank_multiple = click.option("--rank-multiple", default=8, show_default=True, type=int,
-                              help="Round every rank to a multiple of this.")
 _max_new_tokens = click.option("--max-new-tokens", default=256, show_default=True, type=int,
                                help="Longest completion per evaluation item.")
 _safety = [
@@ -69,72 +71,85 @@ def _with(options):
     return decorate
 
 
+_planning = [  # what the plan depends on: `export` and `plan` take the same options and make the same plan
+    _device,
+    _model,
+    click.option("--task", default=DEFAULT_TASK, show_default=True, type=str,
+                 help=f"Target application: {', '.join(sorted(TASKS))}."),
+    click.option("--data-dir", default=None, help="Folder with gsm8k/, mbpp/, wikitext2/ (default: ../shared/data)."),
+    click.option("--seed", default=0, show_default=True, type=int),
+    click.option("--no-cache", is_flag=True, help="Neither read nor write the per-layer cache (~/.cache/edgeslim)."),
+    click.option("--calibration-samples", default=16, show_default=True, type=int,
+                 help="Token windows of the task's calibration data."),
+    click.option("--calibration-seq-len", default=256, show_default=True, type=int),
+    click.option("--allocation", default="sensitivity", show_default=True,
+                 help="sensitivity: ranks where they cost the least estimated loss per byte; uniform: one keep "
+                      "ratio for every layer."),
+    click.option("--rank-multiple", default=None, type=int,
+                 help="Round every rank to a multiple of this (default: 32 at int4, MatMulNBits' block; 8 at fp32)."),
+    click.option("--method", default="svdllm", show_default=True, type=str,
+                 help=f"Basis selection method: {', '.join(method_names())}."),
+    *_safety,
+]
+
+
+def _config(**options) -> RunConfig:
+    from exporter.pipeline import RunConfig  # heavy imports only when a command runs
+
+    options["use_cache"] = not options.pop("no_cache")
+    return RunConfig(**options)
+
+
 @main.command()
-@_device
-@_model
-@click.option("--task", default=DEFAULT_TASK, show_default=True, type=str,
-              help=f"Target application: {', '.join(sorted(TASKS))}.")
-@click.option("--method", default="svdllm", show_default=True, type=str,
-              help=f"Basis selection method: {', '.join(method_names())}.")
+@_with(_planning)
 @click.option("--out", default=None, help="Output folder. Default: ./edgeslim-out/<model>-<device>/")
-@click.option("--data-dir", default=None, help="Folder with gsm8k/, mbpp/, wikitext2/ (default: ../shared/data).")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--no-cache", is_flag=True, help="Neither read nor write the per-layer cache (~/.cache/edgeslim).")
-@click.option("--calibration-samples", default=16, show_default=True, type=int,
-              help="Token windows of the task's calibration data (methods that need data).")
-@click.option("--calibration-seq-len", default=256, show_default=True, type=int)
-@click.option("--allocation", default="uniform", show_default=True,
-              help="uniform: one keep ratio for every layer; global: ranks follow the method's basis scores.")
+@click.option("--max-ppl-ratio", default=None, type=float,
+              help="Quality gate: held-out perplexity of what ships / the dense model's at the same precision "
+                   "(default: the profile's quality.max_ppl_ratio, else 1.25).")
+@click.option("--quality-tokens", default=2048, show_default=True, type=int,
+              help="Held-out tokens of the task that the quality of what ships is measured on.")
 @click.option("--eval", "evaluate", default=None, metavar="TASK[:N],...",
               help="Also measure task metrics of the dense, compressed and shipped models on N items of each task "
                    "(e.g. gsm8k:50,mbpp:50).")
 @_max_new_tokens
-@_rank_multiple
-@_with(_safety)
 @_one_line_errors
-def export(device, model, task, method, out, data_dir, seed, no_cache, calibration_samples, calibration_seq_len,
-           allocation, evaluate, max_new_tokens, rank_multiple, allow_pickle, trust_remote_code):
+def export(**options):
     """Compress, export to ONNX, validate in onnxruntime and report."""
-    from exporter.pipeline import RunConfig, run  # heavy imports only when a command runs
+    from exporter.pipeline import run
 
-    result = run(RunConfig(device=device, model=model, task=task, method=method, out=out, data_dir=data_dir,
-                           seed=seed, rank_multiple=rank_multiple, allow_pickle=allow_pickle,
-                           trust_remote_code=trust_remote_code, use_cache=not no_cache,
-                           calibration_samples=calibration_samples, calibration_seq_len=calibration_seq_len,
-                           allocation=allocation, evaluate=evaluate, max_new_tokens=max_new_tokens))
+    result = run(_config(**options))
     if result is not None:  # None: a helper process of a multi-process launch (relearning only)
-        click.echo(f"wrote {result.artifact.folder}: validated, every budget met")
+        click.echo(f"wrote {result.artifact.folder}: validated, every budget met, quality within "
+                   f"{result.profile.max_ppl_ratio:g}x of the dense model")
 
 
 @main.command()
-@_device
-@_model
-@_rank_multiple
+@_with(_planning)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-@_with(_safety)
 @_one_line_errors
-def plan(device, model, rank_multiple, as_json, allow_pickle, trust_remote_code):
+def plan(as_json, **options):
     """Plan per-layer ranks for a device, without compressing anything."""
-    from exporter.models import describe, load_model
-    from exporter.plan import make_plan
-    from exporter.profile import load_profile
+    from exporter.pipeline import plan_only
 
-    profile = load_profile(device)
-    loaded = load_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    rank_plan = make_plan(describe(loaded.model), profile, rank_multiple)
+    loaded, rank_plan = plan_only(_config(**options))
     if as_json:
         data = to_dict(rank_plan)
         data["layers"] = [{**layer, "shape": [layer["d_out"], layer["d_in"]],
                            "kind": "dense" if layer["rank"] is None else "factorized"} for layer in data["layers"]]
         click.echo(json.dumps(data, indent=2, sort_keys=True))
         return
-    p = rank_plan.predicted
-    click.echo(f"{loaded.name} on {profile.name}: keep {rank_plan.keep_ratio:.1%} of projection weights, "
-                  f"{len(rank_plan.factorized)}/{len(rank_plan.layers)} layers factorized")
-    click.echo(f"predicted: weights {p.weights_bytes / MIB:.1f} MiB, memory {p.memory_bytes / MIB:.1f} MiB "
-                  f"(budget {profile.memory_budget_mib:g}), decode {p.decode_ms_per_token:.1f} ms/token "
-                  f"(budget {profile.decode_ms_per_token:g}), prefill {p.prefill_ms:.0f} ms "
-                  f"(budget {profile.prefill_ms:g})")
+    p, budget = rank_plan.predicted, rank_plan.device
+    computes = f", {rank_plan.activations} activations" if rank_plan.precision == "int4" else ""
+    if rank_plan.allocation == "dense":
+        click.echo(f"{loaded.name} on {budget}: the dense {rank_plan.precision} model fits; nothing to factorize")
+    else:
+        estimate = ("" if rank_plan.estimated_loss_increase is None
+                    else f", estimated loss +{rank_plan.estimated_loss_increase:.3f} nats/token")
+        click.echo(f"{loaded.name} on {budget}: keep {rank_plan.keep_ratio:.1%} of projection weights, "
+                   f"{len(rank_plan.factorized)}/{len(rank_plan.layers)} layers factorized "
+                   f"({rank_plan.allocation}{estimate})")
+    click.echo(f"predicted{computes}: weights {p.weights_bytes / MIB:.1f} MiB, memory {p.memory_bytes / MIB:.1f} "
+               f"MiB, decode {p.decode_ms_per_token:.1f} ms/token, prefill {p.prefill_ms:.0f} ms")
 
 
 @main.command(name="eval")

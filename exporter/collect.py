@@ -36,11 +36,18 @@ def input_hooks(model: nn.Module, names: list[str], on_input: Callable[[str, tor
 def activation_stats(
     model: nn.Module, calibration: Calibration, names: list[str], advance: Progress = lambda: None
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Per layer: `gram` = X^T X / n (d_in x d_in, float64) and `abs_mean` = mean |x| per input channel."""
+    """Per layer: `gram` = X^T X / n (d_in x d_in, float64) and `abs_mean` = mean |x| per input channel.
+
+    Projections that read the same tensor (q/k/v, gate/up) share one entry: computed once, stored once."""
     stats: dict[str, dict[str, torch.Tensor]] = {}
     tokens = 0
+    previous: list = [None, ""]  # the last hooked input tensor and the layer it was accumulated for
 
     def accumulate(name: str, x: torch.Tensor) -> None:
+        if x is previous[0]:
+            stats[name] = stats[previous[1]]
+            return
+        previous[0], previous[1] = x, name
         flat = x.detach().reshape(-1, x.shape[-1]).double()  # (tokens, d_in)
         entry = stats.setdefault(name, {"gram": torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64),
                                         "abs_mean": torch.zeros(flat.shape[1], dtype=torch.float64)})
@@ -52,7 +59,8 @@ def activation_stats(
             model(input_ids=batch)
             tokens += batch.numel()
             advance()
-    for entry in stats.values():
+    previous[0] = None
+    for entry in {id(entry): entry for entry in stats.values()}.values():
         entry["gram"] /= tokens
         entry["abs_mean"] /= tokens
     return stats

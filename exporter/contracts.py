@@ -33,6 +33,8 @@ class DeviceProfile:
     memory_bandwidth_gbps: float  # effective (measured, not datasheet peak) DRAM bandwidth, GB/s
     compute_gflops: float  # effective matmul throughput of the inference engine, GFLOP/s
     op_overhead_us: float = 5.0  # the runtime's cost per graph node beyond the roofline (dispatch, small ops), µs
+    max_ppl_ratio: float = 1.25  # quality gate: held-out perplexity of what ships / the dense model's, same precision
+    kv_cache_precision: str = "fp32"  # or "fp16": half the KV cache's memory
 
     @property
     def memory_budget_bytes(self) -> int:
@@ -118,7 +120,9 @@ class RankPlan:
     layers: tuple[LayerPlan, ...]
     predicted: Prediction
     dense_predicted: Prediction  # the same model uncompressed, for comparison
-    allocation: str = "uniform"  # "uniform" (one keep ratio) or "global" (by the method's basis scores)
+    allocation: str = "uniform"  # "dense" (it fits), "sensitivity" (least estimated loss) or "uniform" (one ratio)
+    estimated_loss_increase: float | None = None  # nats per token, summed over layers (exporter.sensitivity)
+    activations: str = "int8"  # what int4 matmuls compute with: "int8" (faster) or "fp32" (less resident memory)
 
     @property
     def factorized(self) -> tuple[LayerPlan, ...]:
@@ -142,8 +146,11 @@ class OnnxArtifact:
     folder: str
     model_file: str  # the shipped graph, at the profile's precision
     reference_file: str  # the fp32 graph that parity against PyTorch is checked on
+    exact_file: str  # the shipped weights computed exactly (fp32 activations), for parity of the int4 weights
+    all_positions_file: str  # the shipped graph with every position's logits, for held-out perplexity
     precision: str
     file_bytes: int  # model file plus its external data, as shipped
+    nodes: int  # of the shipped graph
     opset: int
 
 
@@ -158,6 +165,7 @@ class ParityResult:
     greedy_identical: bool
     greedy_match_fraction: float  # tokens before the first difference / all greedy tokens
     passed: bool
+    gated: bool = True  # False: reported only (the shipped graph's int8 activations: accuracy, judged by quality)
 
 
 @dataclass(frozen=True)
@@ -235,6 +243,23 @@ class Spectrum:
 
 
 @dataclass(frozen=True)
+class Quality:
+    """Held-out quality of the shipped graph next to the dense model at the same precision (exporter.quality)."""
+
+    task: str
+    tokens: int  # held-out tokens scored
+    window: int  # tokens per scoring window
+    shipped_perplexity: float
+    reference_perplexity: float  # the dense model, every weight rounded to nearest at the shipped precision
+    dense_fp32_perplexity: float  # the dense model in fp32 (PyTorch)
+    ratio: float  # shipped / reference perplexity
+    top1_vs_reference: float  # next-token agreement with the reference
+    kl_vs_reference: float  # mean KL(reference || shipped) per token, nats
+    max_ratio: float  # the gate
+    passed: bool
+
+
+@dataclass(frozen=True)
 class RunResult:
     """Everything one `edgeslim export` produced, as recorded in report.json."""
 
@@ -256,6 +281,7 @@ class RunResult:
     failures: tuple[str, ...] = field(default_factory=tuple)
     spectra: tuple[Spectrum, ...] = ()
     evaluations: tuple[Evaluation, ...] = ()  # with `export --eval`, one per task
+    quality: Quality | None = None
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -1,142 +1,72 @@
-"""ONNX export with a KV cache, in the names optimum and onnxruntime-genai use.
+"""Writing the export folder: the shipped graph, the graphs validation needs beside it, tokenizer and runtime config.
 
-Inputs `input_ids`, `attention_mask`, `position_ids`, `past_key_values.N.key|value`; outputs `logits`,
-`present.N.key|value`. `logits` holds the last position only ([batch, 1, vocab]), as on-device runtimes such as
-llama.cpp do: generation needs nothing else, and all-position logits cost prompt x vocab x 4 bytes plus, at
-int4, a dequantized fp32 copy of the lm_head while the prompt is processed (measured on SmolLM2-135M int4,
-256-token prompt: about 150 MiB of a 250 MiB peak).
-
-The graph comes from `torch.onnx.export(dynamo=True)` (factorized layers are two plain MatMuls), stripped of the
-exporter's debug records, then:
-1. transposed views of initializers are stored transposed, so a tied lm_head becomes a plain MatMul weight
-   (which the quantizer can compress) instead of a Transpose the runtime would copy at load time;
-2. at int4 the weights are block-quantized by onnxruntime's MatMulNBits quantizer (exporter.quantize).
-The fp32 graph is kept beside the shipped one as the reference that parity against PyTorch is checked on.
+The shipped `model.onnx` is built by exporter.graph at the profile's precision. At int4 its MatMulNBits compute
+with the activations the plan chose (exporter.graph.COMPUTE_MODES): int8, onnxruntime's fast CPU path on x86 and
+Arm (measured on SmolLM2-135M: 1.4-2x faster decode than fp32 activations, the same held-out perplexity, but 1.25x
+the weights file in resident memory against 0.86x), or fp32 for the lm_head or everything where memory is what the
+budget lacks. Validation needs three more graphs, written beside it and removed before the folder is published:
+- `reference-fp32.onnx`: the same structure with the fp32 weights, checked against the PyTorch model;
+- `exact-int4.onnx`: the shipped weights in the same graph computed in fp32 throughout (accuracy level 0, an fp32
+  KV cache): checked bit-close against the PyTorch model holding the same int4 weights, so the weights are proven;
+- `all-positions.onnx`: the shipped graph returning every position's logits, reading the shipped weights file:
+  what held-out perplexity is measured with (the shipped graph returns the last position only).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import logging
-import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
-import torch
-from onnx import numpy_helper
-from torch import nn
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from exporter.contracts import ModelSpec, OnnxArtifact
-from exporter.quantize import quantize_graph
+from exporter.graph import GraphOptions, all_positions, build_decoder
+from exporter.quantize import Int4Matrix
 
 MODEL_FILE = "model.onnx"
 REFERENCE_FILE = "reference-fp32.onnx"
+EXACT_FILE = "exact-int4.onnx"
+ALL_POSITIONS_FILE = "all-positions.onnx"
+EXTERNAL_THRESHOLD = 1024  # bytes: smaller tensors stay inside the graph file
+DATA_ALIGNMENT = 64  # bytes: each tensor in the data file starts at a multiple of this
 
 
-def past_names(num_layers: int) -> list[str]:
-    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-
-
-def present_names(num_layers: int) -> list[str]:
-    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-
-
-class KVCacheGraph(nn.Module):
-    """The model as a function of flat tensors: (ids, mask, positions, *past) -> (logits, *present)."""
-
-    def __init__(self, model: PreTrainedModel, num_layers: int):
-        super().__init__()
-        self.model = model
-        self.num_layers = num_layers
-
-    def forward(self, input_ids, attention_mask, position_ids, *past):
-        cache = DynamicCache()
-        for i in range(self.num_layers):
-            cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,  # see module docstring: the last position is all generation needs
-        )
-        present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
-        return (out.logits, *present)
-
-
-def export_reference(model: PreTrainedModel, spec: ModelSpec, path: Path) -> None:
-    """Write the fp32 graph with dynamic batch, sequence and past lengths."""
-    batch, seq, past_len = 2, 3, 4  # not 0 or 1: torch.export would specialize such dimensions
-    kv_shape = (batch, spec.num_kv_heads, past_len, spec.head_dim)
-    args = (
-        torch.randint(0, spec.vocab_size, (batch, seq)),
-        torch.ones(batch, past_len + seq, dtype=torch.int64),
-        torch.arange(past_len, past_len + seq).expand(batch, seq),
-        *[torch.zeros(kv_shape) for _ in range(2 * spec.num_layers)],
-    )
-    b, s, p, total = (torch.export.Dim(n) for n in ("batch", "sequence", "past_sequence", "total_sequence"))
-    dynamic_shapes = {
-        "input_ids": {0: b, 1: s},
-        "attention_mask": {0: b, 1: total},
-        "position_ids": {0: b, 1: s},
-        "past": tuple({0: b, 2: p} for _ in range(2 * spec.num_layers)),
-    }
-    graph = KVCacheGraph(model, spec.num_layers).eval()
-    with warnings.catch_warnings(), _quiet_exporter(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            graph,
-            args,
-            dynamic_shapes=dynamic_shapes,
-            dynamo=True,
-            input_names=["input_ids", "attention_mask", "position_ids", *past_names(spec.num_layers)],
-            output_names=["logits", *present_names(spec.num_layers)],
-            verbose=False,
-        )
-    proto = fold_transposed_initializers(strip_debug_metadata(program.model_proto))
-    save(proto, path)
-
-
-def strip_debug_metadata(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop the exporter's per-node debug records (FX node text, Python stack traces with per-process counters):
-    they make two exports of the same model differ byte for byte and carry nothing a runtime reads."""
-    for node in proto.graph.node:
-        del node.metadata_props[:]
-    for info in [*proto.graph.value_info, *proto.graph.input, *proto.graph.output]:
-        del info.metadata_props[:]
-    return proto
-
-
-def fold_transposed_initializers(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Replace Transpose(initializer) by a transposed initializer (a tied lm_head is one)."""
-    graph = proto.graph
-    inits = {init.name: init for init in graph.initializer}
-    kept_nodes = []
-    for node in graph.node:
-        if node.op_type == "Transpose" and node.input[0] in inits:
-            array = numpy_helper.to_array(inits[node.input[0]])
-            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-            folded = np.ascontiguousarray(np.transpose(array, perm))
-            graph.initializer.append(numpy_helper.from_array(folded, node.output[0]))
-        else:
-            kept_nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(kept_nodes)
-    return proto
-
-
-def save(proto: onnx.ModelProto, path: Path) -> None:
+def save(proto: onnx.ModelProto, path: Path, alignment: int = DATA_ALIGNMENT) -> None:
     """The graph in `<name>`, its weights in `<name>.data` beside it, always.
 
     External data is required above protobuf's 2 GB, and it pays below too: onnxruntime maps the file instead of
-    parsing a second copy of every weight out of the protobuf (measured on SmolLM2-135M int4: session peak
-    105 MiB instead of 191 MiB after loading).
+    parsing a second copy of every weight out of the protobuf. Tensors with identical bytes are stored once and
+    read from the same place (the embedding's int4 rows and the tied lm_head's), each tensor starting at a
+    multiple of `alignment` bytes. Mutates `proto`: its tensors then point into the data file, so variants of the
+    graph can be saved beside it that read the same file (`save_variant`).
     """
-    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
+    data_name = path.name + ".data"
+    stored: dict[bytes, tuple[int, int]] = {}
+    with open(path.with_name(data_name), "wb") as data:
+        for tensor in proto.graph.initializer:
+            raw = tensor.raw_data
+            if len(raw) < EXTERNAL_THRESHOLD:
+                continue
+            digest = hashlib.sha256(raw).digest()
+            if digest not in stored:
+                data.write(b"\0" * (-data.tell() % alignment))
+                stored[digest] = (data.tell(), len(raw))
+                data.write(raw)
+            offset, length = stored[digest]
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            del tensor.external_data[:]
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+    onnx.save_model(proto, str(path))
+
+
+def save_variant(proto: onnx.ModelProto, path: Path) -> None:
+    """A graph whose large tensors already point into a saved data file: only the graph itself is written."""
+    onnx.save_model(proto, str(path))
 
 
 def artifact_bytes(path: Path) -> int:
@@ -146,7 +76,7 @@ def artifact_bytes(path: Path) -> int:
 
 
 def write_genai_config(spec: ModelSpec, model: PreTrainedModel, folder: Path, context_length: int) -> None:
-    """onnxruntime-genai's config for this graph; KV buffers are not shared between past and present."""
+    """onnxruntime-genai's config for this graph: past and present KV share one buffer of `context_length`."""
     config = model.config
     eos = config.eos_token_id if config.eos_token_id is not None else 0
     genai = {
@@ -161,7 +91,6 @@ def write_genai_config(spec: ModelSpec, model: PreTrainedModel, folder: Path, co
                 "inputs": {
                     "input_ids": "input_ids",
                     "attention_mask": "attention_mask",
-                    "position_ids": "position_ids",
                     "past_key_names": "past_key_values.%d.key",
                     "past_value_names": "past_key_values.%d.value",
                 },
@@ -189,7 +118,7 @@ def write_genai_config(spec: ModelSpec, model: PreTrainedModel, folder: Path, co
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": True,
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,
@@ -206,35 +135,34 @@ def export_model(
     folder: Path,
     precision: str,
     context_length: int,
+    quantized: dict[str, Int4Matrix] | None = None,
+    activations: str = "int8",
+    kv_cache: str = "fp32",
 ) -> OnnxArtifact:
-    """Write the shipped graph, the fp32 reference, tokenizer files and genai_config.json into `folder`."""
-    reference = folder / (MODEL_FILE if precision == "fp32" else REFERENCE_FILE)
-    export_reference(model, spec, reference)
-    shipped = folder / MODEL_FILE
+    """Write the shipped graph, the graphs validation needs, tokenizer files and genai_config.json into `folder`.
+    `quantized` (exporter.quantize) holds the int4 weights when the precision is int4; `activations` is what its
+    matmuls compute with (the plan's choice); `kv_cache` the cache's precision (the profile's)."""
+    shipped_path = folder / MODEL_FILE
+    shipped = build_decoder(model, spec, GraphOptions(context_length, activations, kv_cache), quantized)
+    save(shipped, shipped_path)
+    reference_path = exact_path = shipped_path
     if precision != "fp32":
-        save(quantize_graph(reference, precision), shipped)
+        reference_path = folder / REFERENCE_FILE
+        save(build_decoder(model, spec, GraphOptions(context_length)), reference_path)
+    if shipped_path != reference_path or kv_cache != "fp32":  # the shipped weights, computed in fp32 throughout
+        exact_path = folder / EXACT_FILE
+        save(build_decoder(model, spec, GraphOptions(context_length), quantized), exact_path)
+    save_variant(all_positions(shipped), folder / ALL_POSITIONS_FILE)
     tokenizer.save_pretrained(folder)
     write_genai_config(spec, model, folder, context_length)
-    opset = next(o.version for o in onnx.load(str(shipped), load_external_data=False).opset_import
-                 if o.domain in ("", "ai.onnx"))
     return OnnxArtifact(
         folder=str(folder),
-        model_file=str(shipped),
-        reference_file=str(reference),
+        model_file=str(shipped_path),
+        reference_file=str(reference_path),
+        exact_file=str(exact_path),
+        all_positions_file=str(folder / ALL_POSITIONS_FILE),
         precision=precision,
-        file_bytes=artifact_bytes(shipped),
-        opset=opset,
+        file_bytes=artifact_bytes(shipped_path),
+        nodes=len(shipped.graph.node),
+        opset=next(o.version for o in shipped.opset_import if o.domain in ("", "ai.onnx")),
     )
-
-
-class _quiet_exporter:
-    """Silence the exporter's and quantizer's progress logging, which would tear the progress bar."""
-
-    def __enter__(self):
-        self._level = logging.root.manager.disable
-        logging.disable(logging.WARNING)
-        return self
-
-    def __exit__(self, *exc):
-        logging.disable(self._level)
-        return False

@@ -19,7 +19,7 @@ import onnxruntime as ort
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from exporter.measure import empty_past, feed, kv_layout, session
+from exporter.measure import feed, kv_layout, session
 
 
 class Decoder(ABC):
@@ -47,7 +47,7 @@ class OnnxDecoder(Decoder):
 
     def __init__(self, sess: ort.InferenceSession, label: str = "onnxruntime"):
         self.sess, self.label = sess, label
-        self.names, self.heads, self.head_dim = kv_layout(sess)
+        self.layout = kv_layout(sess)
         self.outputs = [o.name for o in sess.get_outputs()]
         self.past: dict[str, np.ndarray] = {}
         self.length = 0
@@ -58,7 +58,7 @@ class OnnxDecoder(Decoder):
         return cls(session(str(model_file), provider, threads), label or f"onnxruntime ({Path(model_file).name})")
 
     def start(self, ids: list[int]) -> np.ndarray:
-        self.past, self.length = empty_past(self.names, self.heads, self.head_dim), 0
+        self.past, self.length = self.layout.empty(), 0
         return self._run(np.array([ids], dtype=np.int64))
 
     def step(self, token: int) -> np.ndarray:
@@ -66,7 +66,7 @@ class OnnxDecoder(Decoder):
 
     def _run(self, ids: np.ndarray) -> np.ndarray:
         out = self.sess.run(self.outputs, feed(ids, self.past, self.length))
-        self.past = dict(zip(self.names, out[1:], strict=True))
+        self.past = dict(zip(self.layout.names, out[1:], strict=True))
         self.length += ids.shape[1]
         return out[0][0, -1].astype(np.float32)
 

@@ -3,8 +3,9 @@
 Run as `python -m exporter.measure MODEL --provider P --threads N --prefill-tokens T --context C`; prints one JSON
 object. A fresh process is the only honest way to read a session's peak memory: the parent holds PyTorch and the
 model. Memory is the growth of the process's peak resident set (VmHWM) above its peak before the session was
-created, so it includes the weights as loaded, the runtime's arena, a prefill of T tokens and a decode step with
-the KV cache full at C tokens (the inputs that hold that cache are counted too: an app holds them).
+created, so it includes the weights as loaded, the runtime's arena, the KV cache (one buffer of C positions per
+layer, shared by past and present as onnxruntime-genai runs it), a prefill of T tokens and a decode step with the
+cache full.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,25 +43,57 @@ def session(model: str, provider: str, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(model, options, providers=providers)
 
 
-def kv_layout(sess: ort.InferenceSession) -> tuple[list[str], int, int]:
-    """(past input names, kv heads, head dim) read from the graph's declared input shapes."""
-    names = [i.name for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
-    shape = next(i.shape for i in sess.get_inputs() if i.name == names[0])
-    return names, int(shape[1]), int(shape[3])
+@dataclass(frozen=True)
+class KVLayout:
+    """The past inputs as the graph declares them."""
+
+    names: list[str]
+    heads: int
+    head_dim: int
+    dtype: type  # numpy float32 or float16
+
+    def empty(self, length: int = 0, fill: bool = False) -> dict[str, np.ndarray]:
+        """Past tensors of `length` positions; `fill` writes them through (np.full), as a full context does:
+        zeros from calloc would not be resident."""
+        shape = (1, self.heads, length, self.head_dim)
+        return {name: np.full(shape, 0, self.dtype) if fill else np.zeros(shape, self.dtype) for name in self.names}
+
+
+def kv_layout(sess: ort.InferenceSession) -> KVLayout:
+    """Read from the graph's declared past inputs."""
+    inputs = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+    dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
+    return KVLayout([i.name for i in inputs], int(inputs[0].shape[1]), int(inputs[0].shape[3]), dtype)
 
 
 def feed(ids: np.ndarray, past: dict[str, np.ndarray], past_len: int) -> dict[str, np.ndarray]:
     batch, seq = ids.shape
-    return {
-        "input_ids": ids,
-        "attention_mask": np.ones((batch, past_len + seq), dtype=np.int64),
-        "position_ids": np.arange(past_len, past_len + seq, dtype=np.int64)[None].repeat(batch, 0),
-        **past,
-    }
+    return {"input_ids": ids, "attention_mask": np.ones((batch, past_len + seq), dtype=np.int64), **past}
 
 
-def empty_past(names: list[str], heads: int, head_dim: int, length: int = 0) -> dict[str, np.ndarray]:
-    return {name: np.zeros((1, heads, length, head_dim), dtype=np.float32) for name in names}
+class SharedCache:
+    """Runs the graph as onnxruntime-genai does with `past_present_share_buffer`: one KV buffer of `context`
+    positions per layer, bound as both the past input and the present output, written in place."""
+
+    def __init__(self, sess: ort.InferenceSession, context: int):
+        self.sess = sess
+        self.buffers = {name: ort.OrtValue.ortvalue_from_numpy(array)
+                        for name, array in kv_layout(sess).empty(context, fill=True).items()}
+        self.binding = sess.io_binding()
+
+    def run(self, ids: np.ndarray, past_len: int) -> np.ndarray:
+        """Feed `ids` after `past_len` cached tokens; returns the logits."""
+        binding = self.binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", np.ones((1, past_len + ids.shape[1]), dtype=np.int64))
+        binding.bind_output("logits")
+        for name, buffer in self.buffers.items():
+            binding.bind_ortvalue_input(name, buffer)
+            binding.bind_ortvalue_output(name.replace("past_key_values.", "present."), buffer)
+        self.sess.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
 
 
 def measure(model: str, provider: str, threads: int, prefill_tokens: int, context: int, runs: int) -> dict:
@@ -67,31 +101,22 @@ def measure(model: str, provider: str, threads: int, prefill_tokens: int, contex
     start = time.perf_counter()
     sess = session(model, provider, threads)
     load_ms = 1e3 * (time.perf_counter() - start)
-    names, heads, head_dim = kv_layout(sess)
+    cache = SharedCache(sess, context)
     vocab = int(sess.get_outputs()[0].shape[2])
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, vocab, size=(1, prefill_tokens), dtype=np.int64)
-    outputs = [o.name for o in sess.get_outputs()]
+    ids = np.random.default_rng(0).integers(0, vocab, size=(1, prefill_tokens), dtype=np.int64)
 
-    prefill_times, out = [], None
+    prefill_times, logits = [], None
     for _ in range(runs):
         start = time.perf_counter()
-        out = sess.run(outputs, feed(ids, empty_past(names, heads, head_dim), 0))
+        logits = cache.run(ids, 0)
         prefill_times.append(1e3 * (time.perf_counter() - start))
-
-    decode_times, past_len = [], prefill_tokens
-    past = dict(zip(names, out[1:], strict=True))
-    token = np.array([[int(out[0][0, -1].argmax())]], dtype=np.int64)
-    for _ in range(DECODE_STEPS):
+    decode_times = []
+    for step in range(DECODE_STEPS):
+        token = np.array([[int(logits[0, -1].argmax())]], dtype=np.int64)
         start = time.perf_counter()
-        out = sess.run(outputs, feed(token, past, past_len))
+        logits = cache.run(token, prefill_tokens + step)
         decode_times.append(1e3 * (time.perf_counter() - start))
-        past = dict(zip(names, out[1:], strict=True))
-        token = np.array([[int(out[0][0, -1].argmax())]], dtype=np.int64)
-        past_len += 1
-    del past, out
-    full = empty_past(names, heads, head_dim, context - 1)
-    sess.run(outputs, feed(token, full, context - 1))  # the KV cache at its largest
+    cache.run(token, context - 1)  # a step with the KV cache full
     return {
         "provider": sess.get_providers()[0],
         "threads": threads,

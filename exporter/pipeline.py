@@ -1,4 +1,5 @@
-"""One `edgeslim export` run, top to bottom: profile -> plan -> select -> factorize -> export -> validate -> report.
+"""One `edgeslim export` run, top to bottom: profile -> calibrate -> plan -> select -> factorize -> quantize ->
+export -> validate -> quality -> report.
 
 Outputs are atomic: everything is written into a hidden temporary folder beside the destination and moved into
 place only when validation passed. A failed run's files go to `<out>.failed/` for inspection; an interrupted run
@@ -13,6 +14,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -21,24 +23,41 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from exporter import plan as planner
 from exporter.cache import TensorCache, flatten, tensor_key, unflatten
-from exporter.calibration import calibration_batches
-from exporter.contracts import Evaluation, RankPlan, RunResult, Spectrum, to_json
+from exporter.calibration import Calibration, calibration_batches
+from exporter.collect import activation_stats
+from exporter.contracts import (
+    MIB,
+    Evaluation,
+    LayerResult,
+    Measurement,
+    ModelSpec,
+    OnnxArtifact,
+    ParityResult,
+    RankPlan,
+    RunResult,
+    Spectrum,
+    to_json,
+)
 from exporter.errors import UsageError, ValidationFailed
 from exporter.evaluate import evaluate
 from exporter.export import export_model
 from exporter.factorize import factorize_
 from exporter.generate import OnnxDecoder, TorchDecoder
 from exporter.grading import EvalTask, parse_eval_spec
-from exporter.models import cache_dir, describe, load_model
+from exporter.models import LoadedModel, cache_dir, describe, load_model
 from exporter.profile import load_profile
-from exporter.quantize import fake_quantize_
+from exporter.quality import heldout_tokens, measure_quality, reference_graph
+from exporter.quantize import apply_, quantize_model
 from exporter.report import budget_checks, failure_lines, print_summary, write_report
 from exporter.report_html import write_html
 from exporter.select import SelectionMethod, get_method
+from exporter.sensitivity import layer_costs, output_fisher
 from exporter.tasks import DEFAULT_TASK, Task, data_dir, get_task, sample
 from exporter.validate import CPU, host_figures, measure_session, validate_parity
 
 MAX_PROMPT_TOKENS = 64
+MEMORY_ATTEMPTS = 2  # a plan whose measured memory misses the budget is made again, once, below the miss
+QUALITY_WINDOW = 512  # tokens per held-out scoring window (at most the profile's context)
 
 
 @dataclass(frozen=True)
@@ -48,27 +67,32 @@ class RunConfig:
     task: str = DEFAULT_TASK
     method: str = "svdllm"  # the best of the measured methods on SmolLM2 (README, "Selection methods")
     out: str | None = None  # None: ./edgeslim-out/<model>-<device>/
-    rank_multiple: int = 8
+    rank_multiple: int | None = None  # None: the precision's (32 at int4: MatMulNBits blocks; 8 at fp32)
     data_dir: str | None = None
     parity_prompts: int = 3
     seed: int = 0
     allow_pickle: bool = False
     trust_remote_code: bool = False
     use_cache: bool = True  # per-layer SVDs in <cache dir>/tensors, so a rerun after an interruption resumes
-    allocation: str = "uniform"  # or "global": ranks follow the method's basis scores across layers
+    allocation: str = "sensitivity"  # or "uniform": one keep ratio for every layer (the published baselines')
     calibration_samples: int = 16  # windows of the task's calibration text, for methods that need data
     calibration_seq_len: int = 256
     evaluate: str | None = None  # "task:N": task metrics of dense, compressed and shipped models on N items
     max_new_tokens: int = 256  # per completion, for --eval
+    max_ppl_ratio: float | None = None  # quality gate; None: the profile's (default 1.25)
+    quality_tokens: int = 2048  # held-out tokens the quality of what ships is measured on
 
 
 def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
-    """profile -> plan -> select -> factorize -> export -> validate -> report; raises ValidationFailed.
+    """profile -> calibrate -> plan -> select -> factorize -> quantize -> export -> validate -> quality -> report;
+    raises ValidationFailed.
 
     Under `accelerate launch` / torchrun with several processes, every process takes part in relearning (basel)
     and only the main one goes on to export; the others return None."""
     console = console or Console(stderr=True)
     profile = load_profile(config.device)
+    if config.max_ppl_ratio is not None:
+        profile = replace(profile, max_ppl_ratio=config.max_ppl_ratio)
     task, method, evaluation_tasks = _check_choices(config)
     torch.manual_seed(config.seed)
 
@@ -82,48 +106,55 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
             loaded.tokenizer(text, return_tensors="pt").input_ids[:, :MAX_PROMPT_TOKENS]
             for text in sample(task.prompts(data_dir(config.data_dir)), config.parity_prompts, config.seed)
         ]
-        model, spec = loaded.model, describe(loaded.model)
+        heldout = heldout_tokens(task, loaded.tokenizer, data_dir(config.data_dir), config.quality_tokens)
+        spec = describe(loaded.model)
         progress.update(stage, total=1, completed=1, description=f"loaded {loaded.name}")
-
-        rank_plan, stats = _plan_and_collect(config, loaded, spec, profile, task, method, progress)
-        if _helper_process():
-            return None
-        dense = copy.deepcopy(model) if evaluation_tasks else None  # the reference the compressed model is judged by
-        spectra = _spectra(model, rank_plan, method, stats)
-        stage = progress.add_task(f"selecting bases ({method.name})", total=len(rank_plan.factorized))
-        with _single_thread():  # SVD on 2 threads of a busy machine can be 40x slower than on one
-            layer_results = factorize_(model, rank_plan, method, stats, on_layer=lambda _: progress.advance(stage))
+        data = TaskData(config, loaded, spec, task, method, progress)
+        threads = min(profile.threads, os.cpu_count() or 1)
 
         with _staging(destination) as staging:
-            stage = progress.add_task("exporting to ONNX", total=None)
-            artifact = export_model(model, loaded.tokenizer, spec, staging, profile.precision,
-                                    profile.context_length)
-            progress.update(stage, total=1, completed=1)
-
-            stage = progress.add_task("validating in onnxruntime", total=None)
-            threads = min(profile.threads, os.cpu_count() or 1)
-            parity, missing, quant_agreement = validate_parity(
-                model, artifact, prompts, profile.execution_providers, threads
-            )
-            measurement = measure_session(artifact.model_file, "CPUExecutionProvider", threads,
-                                          profile.prefill_tokens, profile.context_length)
+            planning = profile  # what the plan aims at: the profile, tightened if memory was underestimated
+            for attempt in range(MEMORY_ATTEMPTS):
+                rank_plan = _plan(config, loaded, spec, planning, data, method, progress)
+                stats = _method_stats(config, loaded, rank_plan, data, method, progress)
+                if _helper_process():
+                    return None
+                built = _build(loaded, spec, profile, rank_plan, method, stats, data, prompts, threads, staging,
+                               progress)
+                peak = built.measurement.peak_memory_bytes
+                if peak <= profile.memory_budget_bytes or attempt + 1 == MEMORY_ATTEMPTS:
+                    break
+                predicted = rank_plan.predicted.memory_bytes
+                planning = replace(planning, memory_budget_mib=planning.memory_budget_mib * predicted / peak)
+                console.print(f"measured peak memory {peak / MIB:.1f} MiB > budget {profile.memory_budget_mib:g} "
+                              f"MiB (predicted {predicted / MIB:.1f}): planning again with the prediction's error "
+                              "taken off the budget")
+                _empty(staging)
+            artifact, measurement = built.artifact, built.measurement
             host = host_figures(threads)
-            host_predicted = planner.predict_for_host(spec, rank_plan.layers, profile, host)
+            host_predicted = planner.predict_for_host(spec, rank_plan, profile, host)
+
+            stage = progress.add_task(f"quality on {len(heldout)} held-out {task.name} tokens", total=None)
+            window = min(QUALITY_WINDOW, profile.context_length)
+            reference = reference_graph(loaded.model, spec, profile.precision, rank_plan.activations,
+                                        profile.kv_cache_precision, window, staging / "quality-reference")
+            quality = measure_quality(task.name, heldout, artifact.all_positions_file, str(reference), loaded.model,
+                                      threads, profile.max_ppl_ratio, window)
+            shutil.rmtree(staging / "quality-reference")
             progress.update(stage, total=1, completed=1)
 
-            if artifact.reference_file != artifact.model_file:  # the fp32 reference was only for parity
-                _remove_graph(Path(artifact.reference_file))
-                artifact = replace(artifact, reference_file="(removed after validation)")
-            evaluations = _evaluate(config, evaluation_tasks, dense, model, artifact, loaded.tokenizer, threads,
-                                    progress) if evaluation_tasks else ()
+            evaluations = _evaluate(config, evaluation_tasks, loaded.model, built.mirror, artifact, loaded.tokenizer,
+                                    threads, progress) if evaluation_tasks else ()
+            artifact = _remove_validation_graphs(artifact)
             checks = budget_checks(profile, rank_plan, artifact, measurement)
-            failures = failure_lines(parity, checks)
+            failures = failure_lines(built.parity, checks, quality, rank_plan)
             result = RunResult(
                 model=loaded.source, task=task.name, method=method.name, profile=profile, plan=rank_plan,
-                layers=layer_results, artifact=replace(artifact, folder=str(destination)), parity=tuple(parity),
-                providers_not_available=tuple(missing), quantization_top1_agreement=quant_agreement,
+                layers=built.layers, artifact=replace(artifact, folder=str(destination)), parity=tuple(built.parity),
+                providers_not_available=tuple(built.missing), quantization_top1_agreement=built.agreement,
                 measurement=measurement, host=host, host_predicted=host_predicted, checks=checks,
-                passed=not failures, failures=failures, spectra=spectra, evaluations=evaluations,
+                passed=not failures, failures=failures, spectra=built.spectra, evaluations=evaluations,
+                quality=quality,
             )
             (staging / "plan.json").write_text(to_json(rank_plan))
             write_report(result, staging)
@@ -136,17 +167,60 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
     return result
 
 
+@dataclass
+class _Built:
+    """One plan carried out: the compressed model, its export in the staging folder, and what validation found."""
+
+    mirror: torch.nn.Module  # the compressed model holding exactly the shipped weights
+    layers: tuple[LayerResult, ...]
+    spectra: tuple[Spectrum, ...]
+    artifact: OnnxArtifact
+    parity: list[ParityResult]
+    missing: list[str]
+    agreement: float | None
+    measurement: Measurement
+
+
+def _build(loaded, spec, profile, rank_plan, method, stats, data, prompts, threads, staging, progress) -> _Built:
+    """select -> factorize -> quantize -> export -> validate parity -> measure, on a copy of the dense model."""
+    model = copy.deepcopy(loaded.model)  # loaded.model stays dense: the reference what ships is judged by
+    spectra = _spectra(model, rank_plan, method, stats)
+    stage = progress.add_task(f"selecting bases ({method.name})", total=len(rank_plan.factorized))
+    with _single_thread():  # SVD on 2 threads of a busy machine can be 40x slower than on one
+        layers = factorize_(model, rank_plan, method, stats, on_layer=lambda _: progress.advance(stage))
+        quantized = None
+        if profile.precision == "int4":
+            stage = progress.add_task("rounding to int4 (GPTQ)", total=None)
+            quantized = quantize_model(model, data.activations)
+            progress.update(stage, total=1, completed=1)
+    mirror = model if quantized is None else apply_(copy.deepcopy(model), quantized)
+
+    stage = progress.add_task("building the ONNX graph", total=None)
+    artifact = export_model(model, loaded.tokenizer, spec, staging, profile.precision, profile.context_length,
+                            quantized, rank_plan.activations, profile.kv_cache_precision)
+    progress.update(stage, total=1, completed=1)
+    stage = progress.add_task("validating in onnxruntime", total=None)
+    parity, missing, agreement = validate_parity(model, mirror, artifact, prompts, profile.execution_providers,
+                                                 threads)
+    measurement = measure_session(artifact.model_file, "CPUExecutionProvider", threads, profile.prefill_tokens,
+                                  profile.context_length)
+    progress.update(stage, total=1, completed=1)
+    return _Built(mirror, layers, spectra, artifact, parity, missing, agreement, measurement)
+
+
 def _check_choices(config: RunConfig) -> tuple[Task, SelectionMethod, list[tuple[EvalTask, int]]]:
     """Every flag that can be checked before minutes of work."""
     task = get_task(config.task)
     evaluation_tasks = parse_eval_spec(config.evaluate) if config.evaluate else []
     if config.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {config.max_new_tokens}: must be a positive integer")
-    if config.allocation not in ("uniform", "global"):
-        raise UsageError(f"--allocation {config.allocation}: choose uniform or global")
+    if config.allocation not in ("sensitivity", "uniform"):
+        raise UsageError(f"--allocation {config.allocation}: choose sensitivity or uniform")
+    if config.max_ppl_ratio is not None and not 0 < config.max_ppl_ratio < float("inf"):
+        raise UsageError(f"--max-ppl-ratio {config.max_ppl_ratio}: must be a positive number, e.g. 1.25")
+    if config.quality_tokens < 16:
+        raise UsageError(f"--quality-tokens {config.quality_tokens}: must be at least 16")
     method = get_method(config.method, TensorCache(cache_dir() / "tensors" if config.use_cache else None))
-    if method.needs == "training" and config.allocation == "global":
-        raise UsageError(f"--method {method.name} prunes to planned ranks while training; use --allocation uniform")
     if config.out:
         _check_destination(Path(config.out))
     return task, method, evaluation_tasks
@@ -170,14 +244,14 @@ def _spectra(model, rank_plan: RankPlan, method: SelectionMethod, stats: dict) -
     return tuple(spectra)
 
 
-def _evaluate(config, evaluation_tasks, dense, model, artifact, tokenizer, threads, progress) -> tuple[Evaluation, ...]:
-    """Dense (PyTorch), compressed (PyTorch, weights rounded as shipped) and shipped (onnxruntime) models on
-    the same items of each task; the dense model is the reference for top-1 agreement and KL."""
-    compressed = model if artifact.precision == "fp32" else fake_quantize_(copy.deepcopy(model), artifact.precision)
+def _evaluate(config, evaluation_tasks, dense, mirror, artifact, tokenizer, threads,
+              progress) -> tuple[Evaluation, ...]:
+    """Dense (PyTorch), compressed (PyTorch, holding the shipped weights) and shipped (onnxruntime) models on the
+    same items of each task; the dense model is the reference for top-1 agreement and KL."""
     reference = TorchDecoder(dense, "dense (PyTorch)")
     decoders = [
-        TorchDecoder(compressed, "compressed (PyTorch)" if artifact.precision == "fp32"
-                     else f"compressed, {artifact.precision}-rounded (PyTorch)"),
+        TorchDecoder(mirror, "compressed (PyTorch)" if artifact.precision == "fp32"
+                     else f"compressed, {artifact.precision} weights (PyTorch)"),
         OnnxDecoder.from_file(artifact.model_file, CPU, threads, f"shipped {artifact.precision} (onnxruntime)"),
     ]
     evaluations = []
@@ -189,35 +263,106 @@ def _evaluate(config, evaluation_tasks, dense, model, artifact, tokenizer, threa
     return tuple(evaluations)
 
 
-def _plan_and_collect(config, loaded, spec, profile, task, method, progress) -> tuple[RankPlan, dict]:
-    """The rank plan and the statistics the method selects with; global allocation plans from the method's
-    scores, so it collects on every projection first."""
-    rank_plan = planner.make_plan(spec, profile, config.rank_multiple)  # dense when the budget allows
-    if not rank_plan.factorized:
-        return rank_plan, {}
-    names = [layer.name for layer in (spec.layers if config.allocation == "global" else rank_plan.factorized)]
-    stats = {}
-    if method.needs != "nothing":
-        calibration = calibration_batches(loaded.tokenizer, task.calibration(data_dir(config.data_dir)),
-                                          config.calibration_samples, config.calibration_seq_len, config.seed)
-        processes = int(os.environ.get("WORLD_SIZE", "1"))
-        where = f" on {processes} processes" if processes > 1 and method.needs == "training" else ""
-        stage = progress.add_task(f"collecting {method.needs} ({calibration.tokens} tokens of {task.name}){where}",
-                                  total=method.passes * len(calibration.batches))
-        ranks = {layer.name: layer.rank for layer in rank_plan.factorized}
-        pruned_to = repr(ranks) if method.needs == "training" else ""  # only training prunes to the ranks
-        key = tensor_key("stats", method.name, loaded.fingerprint, calibration.fingerprint, repr(names), pruned_to)
-        stats = unflatten(method.cache.get_or_compute(key, lambda: flatten(
-            method.collect(loaded.model, calibration, names, lambda: progress.advance(stage), ranks))))
-    if config.allocation == "global":
-        stage = progress.add_task("scoring bases for allocation", total=len(names))
-        scores = {}
-        with _single_thread():
-            for name in names:
-                scores[name] = method.scores(loaded.model.get_submodule(name).weight.detach(), stats.get(name))
-                progress.advance(stage)
-        rank_plan = planner.allocate(spec, profile, scores, config.rank_multiple)
-    return rank_plan, stats
+class TaskData:
+    """The target task's calibration data and the statistics collected from it, each made on first use (a plan
+    that ships the dense model at fp32 needs none of it)."""
+
+    def __init__(self, config: RunConfig, loaded: LoadedModel, spec: ModelSpec, task: Task,
+                 method: SelectionMethod, progress):
+        self.config, self.loaded, self.spec, self.task, self.method, self.progress = (config, loaded, spec, task,
+                                                                                     method, progress)
+
+    @cached_property
+    def calibration(self) -> Calibration:
+        c = self.config
+        return calibration_batches(self.loaded.tokenizer, self.task.calibration(data_dir(c.data_dir)),
+                                   c.calibration_samples, c.calibration_seq_len, c.seed)
+
+    @cached_property
+    def activations(self) -> dict:
+        """Input Gram matrices (and mean |x|) of every projection and of the lm_head on the calibration data: what
+        GPTQ rounds with, what the planner prices layers with and what activation-aware methods select with."""
+        names = [layer.name for layer in self.spec.layers] + [_lm_head_name(self.loaded.model)]
+        calibration = self.calibration
+        stage = self.progress.add_task(f"collecting activations ({calibration.tokens} tokens of {self.task.name})",
+                                       total=len(calibration.batches))
+        key = tensor_key("activations", self.loaded.fingerprint, calibration.fingerprint, repr(names))
+        return unflatten(self.method.cache.get_or_compute(key, lambda: flatten(activation_stats(
+            self.loaded.model, calibration, names, lambda: self.progress.advance(stage)))))
+
+    def fisher(self) -> dict[str, torch.Tensor]:
+        """Mean squared gradients of the per-token loss at every projection's outputs (exporter.sensitivity)."""
+        names = [layer.name for layer in self.spec.layers]
+        calibration = self.calibration
+        stage = self.progress.add_task("measuring layer sensitivity", total=len(calibration.batches))
+        key = tensor_key("fisher", self.loaded.fingerprint, calibration.fingerprint, repr(names))
+        return self.method.cache.get_or_compute(key, lambda: output_fisher(
+            self.loaded.model, calibration, names, lambda: self.progress.advance(stage)))
+
+
+def plan_only(config: RunConfig, console: Console | None = None) -> tuple[LoadedModel, RankPlan]:
+    """What `edgeslim plan` prints: the plan `run` would make, compressing nothing."""
+    console = console or Console(stderr=True)
+    profile = load_profile(config.device)
+    task, method, _ = _check_choices(config)
+    with _progress(console) as progress:
+        loaded = load_model(config.model, allow_pickle=config.allow_pickle,
+                            trust_remote_code=config.trust_remote_code)
+        spec = describe(loaded.model)
+        return loaded, _plan(config, loaded, spec, profile, TaskData(config, loaded, spec, task, method, progress),
+                             method, progress)
+
+
+def _plan(config, loaded, spec, profile, data: TaskData, method, progress) -> RankPlan:
+    """The dense model when it fits; else the least estimated loss that fits (or one keep ratio: uniform)."""
+    rank_plan = planner.make_plan(spec, profile, config.rank_multiple)
+    if rank_plan.allocation == "dense" or config.allocation == "uniform":
+        return rank_plan
+    fisher = data.fisher()
+    multiple = config.rank_multiple or planner.default_rank_multiple(profile.precision)
+    stage = progress.add_task("pricing each layer's ranks", total=len(spec.layers))
+    costs = {}
+    with _single_thread():
+        for layer in spec.layers:
+            weight = loaded.model.get_submodule(layer.name).weight
+            costs[layer.name] = layer_costs(weight, data.activations[layer.name]["gram"], fisher[layer.name],
+                                            planner.rank_options(layer.d_in, layer.d_out, multiple),
+                                            profile.precision, layer.name, method.cache)
+            progress.advance(stage)
+    return planner.allocate(spec, profile, costs, config.rank_multiple)
+
+
+def _method_stats(config, loaded, rank_plan, data: TaskData, method, progress) -> dict:
+    """The statistics the method selects bases with, for the layers the plan factorizes."""
+    if not rank_plan.factorized or method.needs == "nothing":
+        return {}
+    if method.needs == "activations":
+        return data.activations
+    calibration = data.calibration
+    names = [layer.name for layer in rank_plan.factorized]
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    where = f" on {processes} processes" if processes > 1 and method.needs == "training" else ""
+    stage = progress.add_task(f"collecting {method.needs} ({calibration.tokens} tokens){where}",
+                              total=method.passes * len(calibration.batches))
+    ranks = {layer.name: layer.rank for layer in rank_plan.factorized}
+    pruned_to = repr(ranks) if method.needs == "training" else ""  # only training prunes to the ranks
+    key = tensor_key("stats", method.name, loaded.fingerprint, calibration.fingerprint, repr(names), pruned_to)
+    return unflatten(method.cache.get_or_compute(key, lambda: flatten(
+        method.collect(loaded.model, calibration, names, lambda: progress.advance(stage), ranks))))
+
+
+def _lm_head_name(model) -> str:
+    head = model.get_output_embeddings()
+    return next(name for name, module in model.named_modules() if module is head)
+
+
+def _remove_validation_graphs(artifact: OnnxArtifact) -> OnnxArtifact:
+    """The graphs only validation needed (exporter.export) leave the folder before it is published."""
+    removed = "(removed after validation)"
+    for path in {artifact.reference_file, artifact.exact_file, artifact.all_positions_file} - {artifact.model_file}:
+        Path(path).unlink()
+        Path(path).with_name(Path(path).name + ".data").unlink(missing_ok=True)  # variants read the shipped file
+    return replace(artifact, reference_file=removed, exact_file=removed, all_positions_file=removed)
 
 
 def _helper_process() -> bool:
@@ -253,6 +398,11 @@ def _staging(destination: Path):
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _empty(folder: Path) -> None:
+    shutil.rmtree(folder)
+    folder.mkdir()
+
+
 def _publish(staging: Path, destination: Path) -> None:
     """Swap the finished folder into place; the old one is only removed once the new one is there."""
     old = None
@@ -262,11 +412,6 @@ def _publish(staging: Path, destination: Path) -> None:
     os.replace(staging, destination)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _remove_graph(path: Path) -> None:
-    path.unlink()
-    path.with_name(path.name + ".data").unlink(missing_ok=True)
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from exporter.errors import UsageError
 # int8 is deliberately absent: onnxruntime 1.32's 8-bit MatMulNBits has no fast CPU kernel (measured on
 # SmolLM2-135M: 440 ms/token decode against 20 ms at int4 and 47 ms at fp32), so it would never be the right choice.
 PRECISIONS = ("fp32", "int4")
+KV_PRECISIONS = ("fp32", "fp16")
 MAX_CONTEXT = 131072
 MAX_THREADS = 256
 
@@ -28,10 +29,12 @@ _TOP_FIELDS: dict[str, tuple[type, bool]] = {
     "execution_providers": (list, True),
     "threads": (int, True),
     "precision": (str, True),
+    "kv_cache_precision": (str, False),
     "context_length": (int, True),
     "memory_budget_mib": (float, True),
     "latency": (dict, True),
     "hardware": (dict, True),
+    "quality": (dict, False),
 }
 _SECTION_FIELDS: dict[str, dict[str, tuple[type, bool]]] = {
     "latency": {
@@ -43,6 +46,9 @@ _SECTION_FIELDS: dict[str, dict[str, tuple[type, bool]]] = {
         "memory_bandwidth_gbps": (float, True),
         "compute_gflops": (float, True),
         "op_overhead_us": (float, False),
+    },
+    "quality": {
+        "max_ppl_ratio": (float, False),
     },
 }
 
@@ -69,7 +75,7 @@ def parse_profile(raw: Any, source: str = "profile") -> DeviceProfile:
         raise UsageError(f"{source}: expected a mapping of fields at the top level, got {_kind(raw)}")
     top = _check_fields(raw, _TOP_FIELDS, prefix="", source=source)
     sections = {
-        name: _check_fields(top[name], fields, prefix=f"{name}.", source=source)
+        name: _check_fields(top.get(name, {}), fields, prefix=f"{name}.", source=source)
         for name, fields in _SECTION_FIELDS.items()
     }
     providers = top["execution_providers"]
@@ -77,12 +83,16 @@ def parse_profile(raw: Any, source: str = "profile") -> DeviceProfile:
         raise UsageError(f"{source}: execution_providers must be a non-empty list of provider names")
     if top["precision"] not in PRECISIONS:
         raise UsageError(f"{source}: precision must be one of {', '.join(PRECISIONS)}, got {top['precision']!r}")
+    if top.get("kv_cache_precision", "fp32") not in KV_PRECISIONS:
+        raise UsageError(f"{source}: kv_cache_precision must be one of {', '.join(KV_PRECISIONS)}, "
+                         f"got {top['kv_cache_precision']!r}")
     profile = DeviceProfile(
         name=top["name"],
         description=top.get("description", ""),
         execution_providers=tuple(providers),
         threads=top["threads"],
         precision=top["precision"],
+        kv_cache_precision=top.get("kv_cache_precision", "fp32"),
         context_length=top["context_length"],
         memory_budget_mib=float(top["memory_budget_mib"]),
         decode_ms_per_token=float(sections["latency"]["decode_ms_per_token"]),
@@ -92,6 +102,8 @@ def parse_profile(raw: Any, source: str = "profile") -> DeviceProfile:
         compute_gflops=float(sections["hardware"]["compute_gflops"]),
         **({"op_overhead_us": float(sections["hardware"]["op_overhead_us"])}
            if "op_overhead_us" in sections["hardware"] else {}),
+        **({"max_ppl_ratio": float(sections["quality"]["max_ppl_ratio"])}
+           if "max_ppl_ratio" in sections["quality"] else {}),
     )
     _check_ranges(profile, source)
     return profile
@@ -131,6 +143,7 @@ def _check_ranges(p: DeviceProfile, source: str) -> None:
         "hardware.memory_bandwidth_gbps": p.memory_bandwidth_gbps,
         "hardware.compute_gflops": p.compute_gflops,
         "hardware.op_overhead_us": p.op_overhead_us,
+        "quality.max_ppl_ratio": p.max_ppl_ratio,
     }
     for name, value in positive.items():
         if not value > 0 or value == float("inf"):

@@ -1,107 +1,202 @@
-"""Weight quantization of the shipped graph, and its exact mirror in PyTorch.
+"""Int4 weights as onnxruntime's MatMulNBits and GatherBlockQuantized hold them, and how edgeslim chooses them.
 
-The graph is quantized by onnxruntime's MatMulNBits quantizer (round-to-nearest, asymmetric, blocks of
-`QUANT_BLOCK` along the reduction axis, fp32 scale and integer zero point per block). `fake_quantize_` applies the
-same arithmetic to a PyTorch model's weights, so the shipped int4 graph can be checked for exact parity the
-way the fp32 graph is: a quantized model cannot match the unquantized one token for token, but it must match
-itself. Keep the two functions side by side: they are one specification.
+The format (one specification for the graph and for its PyTorch mirror): a weight W (N x K, y = W x) is cut along K
+into blocks of `QUANT_BLOCK`; each block of each row has an fp32 scale and a 4-bit zero point, and each weight is an
+integer q in 0..15 with value (q - zero) * scale. K is padded to whole blocks (padding holds q = zero, value 0), so
+a rank-8 factor costs as much as rank 32.
+
+Two ways to choose q, scale and zero:
+- `round_to_nearest`: each block's range (widened to include 0) on 16 levels, each weight rounded alone, exactly as
+  onnxruntime's own quantizer does (tests/test_quantize.py checks byte for byte);
+- `gptq`: the same grid, but weights are rounded one input channel at a time and the rounding error of each is
+  pushed onto the channels not yet rounded, weighted by the calibration inputs' Gram matrix (GPTQ, Frantar et al.
+  2022), so the layer's *output* error on the target data is what is minimised, not each weight's own.
+`Int4Matrix.dequantize` gives the values the runtime computes with; the shipped graph and the PyTorch mirror that
+parity is checked against are both built from the same `Int4Matrix`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import torch
 from torch import nn
 
+from exporter.factorize import LowRankLinear
+
 BITS = {"fp32": 32, "int4": 4}
 QUANT_BLOCK = 32
+LEVELS = 15  # 4 bits: q in 0..15
+GPTQ_DAMPING = 0.01  # of the Gram matrix's mean diagonal, added for a stable inverse (the GPTQ paper's default)
 
 
-QUANTIZED_OPS = ("MatMul", "Gather")  # every constant MatMul weight and the embedding table
+@dataclass
+class Int4Matrix:
+    """q (N x K_padded, uint8 0..15), scale and zero (N x blocks): W[n, k] = (q - zero[block]) * scale[block]."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    k: int  # the real K, before padding
+
+    @property
+    def n(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def blocks(self) -> int:
+        return self.scale.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        """(N x K) float32, computed as the runtime computes it: (q - zero) * scale."""
+        levels = (self.q.float().view(self.n, self.blocks, QUANT_BLOCK) - self.zero.float()[..., None])
+        return (levels * self.scale[..., None]).view(self.n, -1)[:, : self.k]
+
+    def packed_weights(self) -> np.ndarray:
+        """(N, blocks, QUANT_BLOCK / 2) uint8: two weights a byte, the even one in the low nibble."""
+        q = self.q.to(torch.uint8).view(self.n, self.blocks, QUANT_BLOCK).numpy()
+        return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+    def packed_zero_points(self) -> np.ndarray:
+        """(N, ceil(blocks / 2)) uint8, two zero points a byte, the even block's in the low nibble."""
+        zero = self.zero.to(torch.uint8).numpy()
+        if self.blocks % 2:
+            zero = np.concatenate([zero, np.zeros((self.n, 1), dtype=np.uint8)], axis=1)
+        return (zero[:, 0::2] | (zero[:, 1::2] << 4)).astype(np.uint8)
+
+    def nbytes(self) -> int:
+        return self.n * (self.blocks * (QUANT_BLOCK // 2 + 4) + (self.blocks + 1) // 2)
 
 
-def quantize_graph(reference: Path, precision: str) -> onnx.ModelProto:
-    """The fp32 graph at `precision`: every constant MatMul weight and the embedding table quantized."""
-    import logging
-
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    quantizer = MatMulNBitsQuantizer(
-        onnx.load(str(reference)),
-        bits=BITS[precision],
-        block_size=QUANT_BLOCK,
-        is_symmetric=False,
-        op_types_to_quantize=QUANTIZED_OPS,
-        quant_axes=(("MatMul", 0), ("Gather", 1)),
-    )
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)  # the quantizer logs every node it visits
-    try:
-        with np.errstate(divide="ignore", invalid="ignore"):  # all-zero blocks: handled, but numpy warns
-            quantizer.process()
-    finally:
-        logging.disable(previous)
-    return quantizer.model.model
+def int4_bytes(n: int, k: int) -> int:
+    """Bytes of an N x K weight at int4, padding and per-block scales and zero points included."""
+    blocks = -(-k // QUANT_BLOCK)
+    return n * (blocks * (QUANT_BLOCK // 2 + 4) + (blocks + 1) // 2)
 
 
-def round_trip(weight: torch.Tensor, bits: int, rounding: str = "mlas") -> torch.Tensor:
-    """Quantize and dequantize rows of `weight` in blocks of QUANT_BLOCK along the last axis, in float32 exactly
-    as onnxruntime does. The block's range is widened to include 0 and scale = range / (2^bits - 1). The two
-    quantizer paths differ only in rounding:
-    - "mlas" (MatMul weights, C++): zp = roundf(-min / scale), q = roundf(x * (1 / scale) + zp), halves away
-      from zero;
-    - "numpy" (embedding tables, Python): zp = round(-min / scale), q = round(x / scale + zp), halves to even.
-    """
+def _grid(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) per block of float32 values (..., QUANT_BLOCK), onnxruntime's choice: the block's range
+    widened to include 0, on 16 levels; zero = roundf(-min / scale)."""
+    low = blocks.amin(-1).clamp(max=0)
+    high = blocks.amax(-1).clamp(min=0)
+    scale = (high - low) / LEVELS
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zero = _round_half_away(-low / safe).clamp(0, LEVELS)
+    return scale, zero
+
+
+def _padded_blocks(weight: torch.Tensor) -> torch.Tensor:
+    """(N, blocks, QUANT_BLOCK) float32; a partial last block is padded with the row's last value, which leaves
+    its min and max, and so its grid, as they are."""
     rows, cols = weight.shape
-    levels = 2**bits - 1
-    blocks = weight.float().reshape(rows, -1) if cols % QUANT_BLOCK == 0 else None
-    if blocks is None:  # the last block is partial: pad it with its own first value, which leaves min/max as is
-        pad = (-cols) % QUANT_BLOCK
-        padded = torch.cat([weight.float(), weight.float()[:, -1:].expand(rows, pad)], dim=1)
-        blocks = padded.reshape(rows, -1, QUANT_BLOCK)
-    else:
-        blocks = blocks.reshape(rows, -1, QUANT_BLOCK)
-    low = blocks.amin(-1, keepdim=True).clamp(max=0)
-    high = blocks.amax(-1, keepdim=True).clamp(min=0)
-    scale = (high - low) / levels
-    zero_scale = scale == 0
-    safe = torch.where(zero_scale, torch.ones_like(scale), scale)
-    if rounding == "mlas":
-        zero = _round_half_away(-low / safe).clamp(0, levels)
-        q = _round_half_away(blocks * (1 / safe) + zero).clamp(0, levels)
-    else:
-        zero = torch.round(-low / safe).clamp(0, levels)
-        q = torch.round(blocks / safe + zero).clamp(0, levels)
-    out = torch.where(zero_scale, torch.zeros_like(blocks), (q - zero) * scale)
-    return out.reshape(rows, -1)[:, :cols].to(weight.dtype)
+    pad = (-cols) % QUANT_BLOCK
+    weight = weight.float()
+    if pad:
+        weight = torch.cat([weight, weight[:, -1:].expand(rows, pad)], dim=1)
+    return weight.reshape(rows, -1, QUANT_BLOCK)
+
+
+def round_to_nearest(weight: torch.Tensor) -> Int4Matrix:
+    """Every weight rounded alone to its block's grid, as onnxruntime's MatMulNBits quantizer does (C's roundf of
+    x * (1 / scale) + zero, halves away from zero)."""
+    blocks = _padded_blocks(weight)
+    scale, zero = _grid(blocks)
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = _round_half_away(blocks * (1 / safe)[..., None] + zero[..., None]).clamp(0, LEVELS)
+    return _finish(q, scale, zero, weight.shape[1])
+
+
+def gptq(weight: torch.Tensor, gram: torch.Tensor) -> Int4Matrix:
+    """Error-compensating rounding on the same grid: minimises ||(W - Q) X||^2 for inputs with Gram matrix `gram`
+    (X^T X / n, K x K). Input channels are rounded in order; each one's error, scaled by the inverse Hessian's
+    Cholesky factor, is subtracted from the channels after it. A block's grid is fixed from the (already
+    compensated) weights when rounding reaches it, as GPTQ with groups does."""
+    rows, cols = weight.shape
+    w = weight.double().clone()
+    hessian = gram.double().clone()
+    dead = hessian.diagonal() == 0  # inputs that are always zero: their weights do not matter
+    hessian[dead, dead] = 1
+    w[:, dead] = 0
+    hessian += GPTQ_DAMPING * float(hessian.diagonal().mean()) * torch.eye(cols, dtype=hessian.dtype)
+    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+    blocks = -(-cols // QUANT_BLOCK)
+    q = torch.zeros(rows, blocks * QUANT_BLOCK)
+    scales, zeros = torch.zeros(rows, blocks), torch.zeros(rows, blocks)
+    for b in range(blocks):
+        start, end = b * QUANT_BLOCK, min((b + 1) * QUANT_BLOCK, cols)
+        scale, zero = _grid(_padded_blocks(w[:, start:end].float())[:, 0])
+        scales[:, b], zeros[:, b] = scale, zero
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale).double()
+        chunk, errors = w[:, start:end].clone(), torch.zeros(rows, end - start, dtype=torch.float64)
+        local = inverse[start:end, start:end]
+        for i in range(end - start):
+            level = torch.round(chunk[:, i] / safe + zero).clamp(0, LEVELS)
+            error = (chunk[:, i] - (level - zero) * scale.double()) / local[i, i]
+            chunk[:, i:] -= error[:, None] * local[i, i:][None]
+            errors[:, i], q[:, start + i] = error, level
+        w[:, end:] -= errors @ inverse[start:end, end:]
+        if end - start < QUANT_BLOCK:  # padding holds the zero point: value 0
+            q[:, end:] = zero[:, None]
+    return Int4Matrix(q.to(torch.uint8), scales.float(), zeros.to(torch.uint8), cols)
+
+
+def quantize_model(model: nn.Module, stats: dict | None = None) -> dict[str, Int4Matrix]:
+    """Every weight matrix the graph holds, at int4, keyed by module path: each Linear of the blocks (both factors of
+    a factorized one), the lm_head, and the embedding table when it is not tied to the lm_head.
+
+    With `stats` (per-layer input Gram matrices, exporter.collect.activation_stats over every projection and the
+    lm_head) weights are rounded by GPTQ; without, to nearest. A factorized layer y = B (A x) is rounded in two
+    steps: A by GPTQ on the layer's inputs; then B refitted to what A's rounding changed (least squares: the B that
+    best reproduces the unrounded layer's output from the rounded A x) and rounded by GPTQ on the Gram matrix of
+    A x, which follows from the layer's own (Â G Âᵀ). So the factors' errors do not compound."""
+    quantized: dict[str, Int4Matrix] = {}
+    inside_low_rank = set()
+    for name, module in model.named_modules():
+        if isinstance(module, LowRankLinear):
+            inside_low_rank |= {f"{name}.first", f"{name}.second"}
+            quantized.update(_quantize_low_rank(name, module, None if stats is None else stats[name]["gram"]))
+        elif isinstance(module, nn.Linear) and name not in inside_low_rank:
+            weight = module.weight.detach()
+            quantized[name] = round_to_nearest(weight) if stats is None else gptq(weight, stats[name]["gram"])
+    embedding = model.get_input_embeddings()
+    if embedding.weight is not model.get_output_embeddings().weight:
+        path = next(name for name, module in model.named_modules() if module is embedding)
+        quantized[path] = round_to_nearest(embedding.weight.detach())  # a lookup: no inputs to weigh errors by
+    return quantized
+
+
+def _quantize_low_rank(name: str, layer: LowRankLinear, gram: torch.Tensor | None) -> dict[str, Int4Matrix]:
+    first, second = layer.first.weight.detach().double(), layer.second.weight.detach().double()
+    if gram is None:
+        return {f"{name}.first": round_to_nearest(first), f"{name}.second": round_to_nearest(second)}
+    gram = gram.double()
+    first_q = gptq(first, gram)
+    rounded = first_q.dequantize().double()
+    inner = rounded @ gram @ rounded.T  # Gram matrix of the rounded first factor's outputs
+    damping = GPTQ_DAMPING * float(inner.diagonal().mean()) * torch.eye(inner.shape[0], dtype=inner.dtype)
+    refit = torch.linalg.solve(inner + damping, (second @ first @ gram @ rounded.T).T).T
+    return {f"{name}.first": first_q, f"{name}.second": gptq(refit, inner)}
+
+
+@torch.no_grad()
+def apply_(model: nn.Module, quantized: dict[str, Int4Matrix]) -> nn.Module:
+    """Mutates `model`: every quantized weight replaced by its dequantized value, so PyTorch computes what the
+    int4 graph computes (the mirror that the shipped graph's parity is checked against). A tied embedding follows
+    its lm_head: they share one tensor."""
+    for name, matrix in quantized.items():
+        model.get_submodule(name).weight.copy_(matrix.dequantize())
+    return model
+
+
+def _finish(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: int) -> Int4Matrix:
+    rows = q.shape[0]
+    q = q.reshape(rows, -1)
+    q[:, k:] = zero.repeat_interleave(QUANT_BLOCK, dim=1)[:, k:]  # padding holds the zero point: value 0
+    return Int4Matrix(q.to(torch.uint8), scale.float(), zero.to(torch.uint8), k)
 
 
 def _round_half_away(x: torch.Tensor) -> torch.Tensor:
     """C's roundf: to the nearest integer, halves away from zero (torch.round sends halves to even)."""
     whole = torch.trunc(x)
     return whole + torch.where((x - whole).abs() >= 0.5, torch.sign(x), torch.zeros_like(x))
-
-
-@torch.no_grad()
-def fake_quantize_(model: nn.Module, precision: str) -> nn.Module:
-    """Mutates `model`: every Linear weight and embedding table replaced by its quantized value.
-
-    A Linear's weight (d_out x d_in) is the transpose of the graph's MatMul weight (K=d_in x N=d_out), so its
-    rows are the graph's blocks along K; an embedding (vocab x hidden) is quantized along hidden likewise. A tied
-    lm_head is untied first: the graph holds it as a separate MatMul weight (see export.fold_transposed_...).
-    """
-    bits = BITS[precision]
-    if bits == 32:
-        return model
-    head = model.get_output_embeddings()
-    if head is not None and head.weight is model.get_input_embeddings().weight:
-        head.weight = nn.Parameter(head.weight.clone())  # the graph stores a tied head as its own MatMul weight
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            module.weight.copy_(round_trip(module.weight, bits, "mlas"))
-        elif isinstance(module, nn.Embedding):
-            module.weight.copy_(round_trip(module.weight, bits, "numpy"))
-    return model

@@ -23,6 +23,7 @@ from exporter.contracts import (
     OnnxArtifact,
     ParityResult,
     Prediction,
+    Quality,
     RankPlan,
     RunResult,
     to_json,
@@ -51,14 +52,30 @@ def budget_checks(
     )
 
 
-def failure_lines(parity: list[ParityResult], checks: tuple[BudgetCheck, ...]) -> tuple[str, ...]:
-    """One line per failed parity check or budget, with the figure that failed."""
-    return tuple(
-        [f"parity {p.graph} on {p.provider}: max |Δlogits| {p.max_abs_logit_diff:.3g} (tolerance "
-         f"{p.tolerance:.3g}), greedy tokens identical: {p.greedy_identical}" for p in parity if not p.passed]
-        + [f"{c.metric}: {c.measured if c.judged_on == 'measured' else c.predicted:.1f} {c.unit} ({c.judged_on}) "
-           f"> budget {c.budget:g} {c.unit}" for c in checks if not c.passed]
-    )
+def failure_lines(parity: list[ParityResult], checks: tuple[BudgetCheck, ...], quality: Quality | None = None,
+                  plan: RankPlan | None = None) -> tuple[str, ...]:
+    """One line per failed parity check, budget or quality gate, with the figure that failed."""
+    lines = [f"parity {p.graph} on {p.provider}: max |Δlogits| {p.max_abs_logit_diff:.3g} (tolerance "
+             f"{p.tolerance:.3g}), greedy tokens identical: {p.greedy_identical}"
+             for p in parity if p.gated and not p.passed]
+    lines += [f"{c.metric}: {c.measured if c.judged_on == 'measured' else c.predicted:.1f} {c.unit} "
+              f"({c.judged_on}) > budget {c.budget:g} {c.unit}" for c in checks if not c.passed]
+    if quality is not None and not quality.passed:
+        lines.append(quality_failure(quality, plan))
+    return tuple(lines)
+
+
+def quality_failure(quality: Quality, plan: RankPlan | None) -> str:
+    """What was measured, and what would meet the gate."""
+    line = (f"quality: held-out {quality.task} perplexity {quality.shipped_perplexity:.2f} is "
+            f"{quality.ratio:.2f}x the dense model's {quality.reference_perplexity:.2f} at the same precision "
+            f"(limit {quality.max_ratio:g}x)")
+    if plan is not None and plan.allocation != "dense":
+        dense = plan.dense_predicted
+        line += (f"; the dense {plan.precision} model needs {dense.memory_bytes / MIB:.0f} MiB, "
+                 f"{dense.decode_ms_per_token:.0f} ms/token and {dense.prefill_ms:.0f} ms prefill (predicted): "
+                 "raise the budget towards that, or allow more loss with quality.max_ppl_ratio")
+    return line
 
 
 def latency_model_check(host_predicted: Prediction, measured: Measurement) -> dict:
@@ -110,20 +127,43 @@ def print_summary(result: RunResult, console: Console) -> None:
             "[green]pass[/]" if check.passed else "[red]FAIL[/]",
         )
     for parity in result.parity:
-        table.add_row(
-            f"parity {parity.graph} on {parity.provider.removesuffix('ExecutionProvider')}",
-            "", "", f"Δ {parity.max_abs_logit_diff:.2g} ≤ {parity.tolerance:.2g}", "measured",
-            "[green]pass[/]" if parity.passed else "[red]FAIL[/]",
-        )
+        provider = parity.provider.removesuffix("ExecutionProvider")
+        if parity.gated:
+            table.add_row(f"parity {parity.graph} on {provider}", "", "",
+                          f"Δ {parity.max_abs_logit_diff:.2g} ≤ {parity.tolerance:.2g}", "measured",
+                          "[green]pass[/]" if parity.passed else "[red]FAIL[/]")
+        else:
+            table.add_row(f"{parity.graph} vs exact on {provider}", "", "",
+                          f"greedy {parity.greedy_match_fraction:.0%} same", "measured", "reported")
+    if result.quality is not None:
+        q = result.quality
+        table.add_row(f"quality: {q.task} perplexity ratio", f"{q.max_ratio:g}x", "", f"{q.ratio:.3f}x",
+                      f"measured ({q.tokens} tokens)", "[green]pass[/]" if q.passed else "[red]FAIL[/]")
     console.print(table)
     plan = result.plan
-    console.print(
-        f"kept {plan.keep_ratio:.1%} of the decoder projections' weights: {len(plan.factorized)} of "
-        f"{len(plan.layers)} layers factorized"
-    )
+    computes = f" ({plan.activations} activations)" if plan.precision == "int4" else ""
+    if plan.allocation == "dense":
+        console.print(f"the dense {plan.precision}{computes} model fits every budget: shipped dense, nothing "
+                      "factorized")
+    else:
+        estimate = ("" if plan.estimated_loss_increase is None else
+                    f"; estimated loss +{plan.estimated_loss_increase:.3f} nats/token")
+        console.print(
+            f"kept {plan.keep_ratio:.1%} of the decoder projections' weights: {len(plan.factorized)} of "
+            f"{len(plan.layers)} layers factorized ({plan.allocation} allocation{estimate}); {plan.precision}"
+            f"{computes}"
+        )
+    if result.quality is not None:
+        q = result.quality
+        console.print(
+            f"held-out {q.task} ({q.tokens} tokens): shipped perplexity {q.shipped_perplexity:.2f}, dense "
+            f"{plan.precision} {q.reference_perplexity:.2f} (ratio {q.ratio:.3f}, limit {q.max_ratio:g}), dense fp32 "
+            f"{q.dense_fp32_perplexity:.2f}; next token same as dense {plan.precision} at {q.top1_vs_reference:.1%}, "
+            f"KL {q.kl_vs_reference:.3f} nats/token"
+        )
     if result.quantization_top1_agreement is not None:
-        console.print(f"{result.profile.precision} weights agree with fp32 on the next token at "
-                      f"{result.quantization_top1_agreement:.1%} of prompt positions (accuracy, not gated)")
+        console.print(f"{result.profile.precision} weights agree with their fp32 values on the next token at "
+                      f"{result.quantization_top1_agreement:.1%} of prompt positions")
     for provider in result.providers_not_available:
         console.print(f"{provider}: not available here (this onnxruntime offers {', '.join(_available())})")
     check = latency_model_check(result.host_predicted, result.measurement)

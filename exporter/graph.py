@@ -1,0 +1,330 @@
+"""The decoder graph, built directly from the model's weights with onnxruntime's fused operators.
+
+One decoder block is ~11 nodes, as onnxruntime-genai's model builder makes it (a generic torch.onnx trace of the
+same block is ~75): SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (the residual add fused into
+the norm), one matmul for the projections that read the same input (q/k/v, gate/up: their matrices stacked), and
+GroupQueryAttention with the rotary embedding inside. Past and present KV may share one buffer
+(GroupQueryAttention writes the new tokens in place when the runtime binds both to the same memory, as
+onnxruntime-genai does with `past_present_share_buffer`).
+
+A factorized projection y = B (A x) is two matmuls; the first factors of projections that read the same input are
+stacked with their group's other matrices, so a factorized block has at most one extra matmul per factorized
+projection. At int4 every matmul is a MatMulNBits; the embedding is a GatherBlockQuantized that reads the lm_head's
+int4 table when the two are tied (one table in the file and in memory). The lm_head runs on the last position only
+(generation needs nothing else, and all-position logits cost prompt x vocab floats); `all_positions` gives the same
+graph with every position's logits, for teacher-forced scoring.
+
+Inputs: input_ids, attention_mask, past_key_values.N.key|value; outputs: logits, present.N.key|value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from exporter.contracts import ModelSpec
+from exporter.factorize import LowRankLinear
+from exporter.quantize import QUANT_BLOCK, Int4Matrix
+
+OPSET = 21
+IR_VERSION = 10  # what onnxruntime 1.32 and the mobile runtimes read
+MS = "com.microsoft"
+BUILT_FAMILIES = ("llama", "mistral", "qwen2")
+LAST_HIDDEN = "last_hidden_state"  # the final norm's output, last position only
+ALL_HIDDEN = "hidden_state"
+
+
+def builds(model_type: str) -> bool:
+    return model_type in BUILT_FAMILIES
+
+
+def past_names(num_layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def present_names(num_layers: int) -> list[str]:
+    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+# What int4 matmuls compute with, as MatMulNBits accuracy levels (blocks, lm_head): 4 quantizes activations to
+# int8 per block (onnxruntime's fast CPU path, inexact), 0 computes in fp32 (slower, less memory once prepacked).
+COMPUTE_MODES = {"int8": (4, 4), "int8 (lm_head fp32)": (4, 0), "fp32": (0, 0)}
+
+
+@dataclass(frozen=True)
+class GraphOptions:
+    context_length: int  # rows of the rotary cache: the longest sequence the graph serves
+    activations: str = "fp32"  # a COMPUTE_MODES key
+    kv_cache: str = "fp32"  # or "fp16": half the cache's memory; attention then runs in fp16
+
+    @property
+    def kv_type(self) -> int:
+        return TensorProto.FLOAT16 if self.kv_cache == "fp16" else TensorProto.FLOAT
+
+
+class _Builder:
+    """Accumulates nodes and initializers; every name is unique and says where it comes from."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._constants: dict[tuple, str] = {}
+
+    def add(self, op: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "",
+            **attributes) -> list[str]:
+        names = outputs if isinstance(outputs, list) else [f"{name}/out{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op, inputs, names, name=name, domain=domain or None, **attributes))
+        return names
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def constant(self, values: list[int] | int) -> str:
+        key = (tuple(values) if isinstance(values, list) else values,)
+        if key not in self._constants:
+            name = f"const/{key[0]}".replace(" ", "")
+            self._constants[key] = self.weight(name, np.array(values, dtype=np.int64))
+        return self._constants[key]
+
+
+class _Weights:
+    """The model's weights as the graph holds them: fp32 from the modules, or the int4 matrices of `quantized`."""
+
+    def __init__(self, model: nn.Module, builder: _Builder, quantized: dict[str, Int4Matrix] | None,
+                 accuracy_level: int = 0):
+        self.model, self.b, self.quantized, self.accuracy_level = model, builder, quantized, accuracy_level
+
+    def matmul(self, x: str, paths: list[str], name: str, packed: bool = False,
+               level: int | None = None) -> list[str]:
+        """One matmul over the stacked matrices of `paths` (Linears reading `x`), split back per path; a factorized
+        path contributes its first factor here and gets its second factor as a matmul of its own. `packed`: when
+        no path is factorized, the stacked output is returned unsplit (GroupQueryAttention takes q|k|v packed)."""
+        modules = [self.model.get_submodule(p) for p in paths]
+        stage = [(f"{p}.first", m.first) if isinstance(m, LowRankLinear) else (p, m) for p, m in zip(paths, modules,
+                                                                                                     strict=True)]
+        dense_biases = [None if isinstance(m, LowRankLinear) else m.bias for m in modules]
+        bias = None
+        if any(b is not None for b in dense_biases):
+            bias = torch.cat([b.detach() if b is not None else torch.zeros(lin.out_features)
+                              for b, (_, lin) in zip(dense_biases, stage, strict=True)])
+        y = self._linear(x, stage, bias, name, level)
+        if packed and not any(isinstance(m, LowRankLinear) for m in modules):
+            return [y]
+        sizes = [lin.out_features for _, lin in stage]
+        parts = [y] if len(stage) == 1 else self.b.add("Split", [y, self.b.constant(sizes)], f"{name}/split",
+                                                        len(stage), axis=-1)
+        outputs = []
+        for part, path, module in zip(parts, paths, modules, strict=True):
+            if isinstance(module, LowRankLinear):
+                second = module.second
+                bias2 = None if second.bias is None else second.bias.detach()
+                part = self._linear(part, [(f"{path}.second", second)], bias2, f"{name}/{path.rsplit('.', 1)[-1]}2",
+                                    level)
+            outputs.append(part)
+        return outputs
+
+    def _linear(self, x: str, members: list[tuple[str, nn.Linear]], bias: torch.Tensor | None, name: str,
+                level: int | None = None) -> str:
+        d_in = members[0][1].in_features
+        n = sum(lin.out_features for _, lin in members)
+        key = "+".join(path for path, _ in members)
+        bias_name = None if bias is None else self.b.weight(f"{key}.bias", bias.float().numpy())
+        if self.quantized is None:
+            weight = torch.cat([lin.weight.detach() for _, lin in members]).float().T.numpy()  # (K, N)
+            (y,) = self.b.add("MatMul", [x, self.b.weight(f"{key}.weight", weight)], name)
+            return y if bias_name is None else self.b.add("Add", [y, bias_name], f"{name}/bias")[0]
+        matrices = [self.quantized[path] for path, _ in members]
+        inputs = [x, *self._int4_inputs(key, matrices)]
+        if bias_name is not None:
+            inputs += ["", bias_name]  # g_idx (unused), bias
+        (y,) = self.b.add("MatMulNBits", inputs, name, domain=MS, K=d_in, N=n, bits=4, block_size=QUANT_BLOCK,
+                          accuracy_level=self.accuracy_level if level is None else level)
+        return y
+
+    def _int4_inputs(self, key: str, matrices: list[Int4Matrix]) -> list[str]:
+        """Names of (packed weights, scales, zero points) of the stacked matrices, added once per key."""
+        packed = np.concatenate([m.packed_weights() for m in matrices])
+        scales = np.concatenate([m.scale.numpy() for m in matrices])
+        zeros = np.concatenate([m.packed_zero_points() for m in matrices])
+        return [self.b.weight(f"{key}.qweight", packed), self.b.weight(f"{key}.scales", scales),
+                self.b.weight(f"{key}.zero_points", zeros)]
+
+
+def build_decoder(model: nn.Module, spec: ModelSpec, options: GraphOptions,
+                  quantized: dict[str, Int4Matrix] | None = None) -> onnx.ModelProto:
+    """The decoder as an ONNX model: fp32 weights from `model`, or int4 ones from `quantized` (exporter.quantize)."""
+    b = _Builder()
+    block_level, head_level = COMPUTE_MODES[options.activations]
+    weights = _Weights(model, b, quantized, block_level)
+    inner = model.model
+    batch, sequence, total, past = "batch_size", "sequence_length", "total_sequence_length", "past_sequence_length"
+    kv_shape = [batch, spec.num_kv_heads, past, spec.head_dim]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, sequence]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [batch, total])]
+    inputs += [helper.make_tensor_value_info(n, options.kv_type, kv_shape) for n in past_names(spec.num_layers)]
+
+    # attention_mask -> seqlens_k (tokens seen - 1, per sequence) and total_sequence_length, GroupQueryAttention's
+    seen = b.add("ReduceSum", ["attention_mask", b.constant([1])], "mask/sum", keepdims=0)[0]
+    last_index = b.add("Sub", [seen, b.constant(1)], "mask/sub")[0]
+    seqlens = b.add("Cast", [last_index], "mask/seqlens_k", to=TensorProto.INT32)[0]
+    shape = b.add("Shape", ["attention_mask"], "mask/shape")[0]
+    width = b.add("Gather", [shape, b.constant(1)], "mask/width", axis=0)[0]
+    total_length = b.add("Cast", [width], "mask/total_sequence_length", to=TensorProto.INT32)[0]
+    cos, sin = _rotary_caches(b, inner.rotary_emb, options.context_length, options.kv_cache)
+
+    hidden = _embedding(b, model, quantized)
+    residual, delta = hidden, None
+    for i, block in enumerate(inner.layers):
+        prefix = f"model.layers.{i}"
+        x, residual = _norm(b, residual, delta, block.input_layernorm, f"{prefix}/input_norm")
+        attention = block.self_attn
+        qkv = weights.matmul(x, [f"{prefix}.self_attn.{p}" for p in QKV], f"{prefix}/qkv", packed=True)
+        if options.kv_cache == "fp16":
+            qkv = [b.add("Cast", [x], f"{x}/fp16", to=TensorProto.FLOAT16)[0] for x in qkv]
+        attn_inputs = [*qkv, "", ""] if len(qkv) == 1 else qkv  # packed q|k|v when no projection is factorized
+        window = getattr(attention, "sliding_window", None)
+        attended, _, _ = b.add(
+            "GroupQueryAttention",
+            [*attn_inputs, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total_length, cos,
+             sin], f"{prefix}/attention", [f"{prefix}/attention/out", f"present.{i}.key", f"present.{i}.value"],
+            domain=MS, num_heads=spec.num_attention_heads, kv_num_heads=spec.num_kv_heads,
+            scale=float(attention.scaling), do_rotary=1, rotary_interleaved=0,
+            local_window_size=int(window) if window else -1,
+        )
+        if options.kv_cache == "fp16":
+            attended = b.add("Cast", [attended], f"{prefix}/attention/fp32", to=TensorProto.FLOAT)[0]
+        (delta,) = weights.matmul(attended, [f"{prefix}.self_attn.o_proj"], f"{prefix}/o_proj")
+        x, residual = _norm(b, residual, delta, block.post_attention_layernorm, f"{prefix}/post_attention_norm")
+        gate, up = weights.matmul(x, [f"{prefix}.mlp.{p}" for p in GATE_UP], f"{prefix}/gate_up")
+        activated = _activation(b, gate, model.config.hidden_act, f"{prefix}/act")
+        product = b.add("Mul", [activated, up], f"{prefix}/gated")[0]
+        (delta,) = weights.matmul(product, [f"{prefix}.mlp.down_proj"], f"{prefix}/down_proj")
+    final, _ = _norm(b, residual, delta, inner.norm, "model.norm", output=ALL_HIDDEN)
+    b.add("Slice", [final, b.constant([-1]), b.constant([2**62]), b.constant([1])], "last_position", [LAST_HIDDEN])
+    _lm_head(b, weights, model, quantized, LAST_HIDDEN, head_level)
+
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, "logits_length", spec.vocab_size])]
+    outputs += [helper.make_tensor_value_info(n, options.kv_type, [batch, spec.num_kv_heads, total, spec.head_dim])
+                for n in present_names(spec.num_layers)]
+    graph = helper.make_graph(b.nodes, "edgeslim-decoder", inputs, outputs, b.initializers)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                              producer_name="edgeslim")
+    proto.ir_version = IR_VERSION
+    return proto
+
+
+QKV = ("q_proj", "k_proj", "v_proj")
+GATE_UP = ("gate_proj", "up_proj")
+MASK_NODES = 6  # attention_mask -> seqlens_k and total_sequence_length
+BLOCK_NODES = 11  # 2 norms, 4 matmuls (q|k|v, o, gate|up, down), attention, split, SiLU (2), gating Mul
+
+
+def node_count(ranks: dict[str, int | None], num_layers: int, precision: str, kv_cache: str = "fp32") -> int:
+    """Nodes of the graph `build_decoder` makes for these per-projection ranks (None: dense), counted from its
+    structure so the planner can price dispatch without building anything (tests check it against real graphs).
+    A factorized projection adds its second matmul; factorizing any of q/k/v also splits their packed output; an
+    fp16 KV cache casts attention's inputs (one packed tensor, or q, k and v) and its output."""
+    embedding = 1  # Gather, or GatherBlockQuantized
+    lm_head = 1 if precision != "fp32" else 5  # MatMulNBits, or Gemm between shape bookkeeping
+    nodes = MASK_NODES + embedding + 1 + num_layers * BLOCK_NODES + 1 + lm_head  # first norm ... last-position Slice
+    factorized = [name for name, rank in ranks.items() if rank is not None]
+    nodes += len(factorized)
+    split_blocks = {name.rsplit(".", 2)[0] for name in factorized if name.rsplit(".", 1)[-1] in QKV}
+    nodes += len(split_blocks)
+    if kv_cache == "fp16":
+        nodes += 2 * num_layers + 2 * len(split_blocks)
+    return nodes
+
+
+def all_positions(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The same graph with logits for every position (the last-position Slice bypassed): for scoring text."""
+    twin = onnx.ModelProto()
+    twin.CopyFrom(proto)
+    nodes = [node for node in twin.graph.node if node.name != "last_position"]
+    for node in nodes:
+        node.input[:] = [ALL_HIDDEN if name == LAST_HIDDEN else name for name in node.input]
+    del twin.graph.node[:]
+    twin.graph.node.extend(nodes)
+    used = {name for node in nodes for name in node.input}
+    kept = [init for init in twin.graph.initializer if init.name in used]
+    del twin.graph.initializer[:]
+    twin.graph.initializer.extend(kept)
+    return twin
+
+
+def _embedding(b: _Builder, model: nn.Module, quantized: dict[str, Int4Matrix] | None) -> str:
+    table = model.get_input_embeddings()
+    tied = table.weight is model.get_output_embeddings().weight
+    path = "lm_head" if tied else next(name for name, module in model.named_modules() if module is table)
+    if quantized is None:
+        name = "lm_head.table" if tied else f"{path}.table"  # (vocab, hidden), shared with the lm_head's Gemm
+        return b.add("Gather", [b.weight(name, table.weight.detach().float().numpy()), "input_ids"],
+                     "embedding")[0]
+    matrix = quantized[path]
+    _, scales, zeros = _Weights(model, b, quantized)._int4_inputs(path, [matrix])
+    # the same bytes as the matmul's (N, blocks, 16) table, as the (N, K/2) rows the gather reads: stored once in
+    # the data file (exporter.export.save), read in place by both, so no copy is made at load time either
+    rows = b.weight(f"{path}.rows", matrix.packed_weights().reshape(matrix.n, -1))
+    return b.add("GatherBlockQuantized", [rows, "input_ids", scales, zeros], "embedding", domain=MS, bits=4,
+                 block_size=QUANT_BLOCK, gather_axis=0, quantize_axis=1)[0]
+
+
+def _lm_head(b: _Builder, weights: _Weights, model: nn.Module, quantized, hidden: str, level: int) -> None:
+    head = model.get_output_embeddings()
+    tied = head.weight is model.get_input_embeddings().weight
+    if quantized is not None:
+        if tied:  # the embedding already added lm_head's int4 table under this key
+            inputs = [hidden, "lm_head.qweight", "lm_head.scales", "lm_head.zero_points"]
+            matrix = quantized["lm_head"]
+            b.add("MatMulNBits", inputs, "lm_head", ["logits"], domain=MS, K=matrix.k, N=matrix.n, bits=4,
+                  block_size=QUANT_BLOCK, accuracy_level=level)
+        else:
+            weights.matmul(hidden, ["lm_head"], "lm_head", level=level)
+            b.nodes[-1].output[0] = "logits"
+        return
+    # fp32: Gemm reads the (vocab, hidden) table transposed, so a tied table is stored once
+    table = "lm_head.table" if tied else b.weight("lm_head.table", head.weight.detach().float().numpy())
+    shape = b.add("Shape", [hidden], "lm_head/shape", end=2)[0]
+    flat = b.add("Reshape", [hidden, b.constant([-1, head.in_features])], "lm_head/flatten")[0]
+    logits = b.add("Gemm", [flat, table], "lm_head/gemm", transB=1)[0]
+    out_shape = b.add("Concat", [shape, b.constant([head.out_features])], "lm_head/out_shape", axis=0)[0]
+    b.add("Reshape", [logits, out_shape], "lm_head", ["logits"])
+
+
+def _norm(b: _Builder, residual: str, delta: str | None, norm: nn.Module, name: str,
+          output: str | None = None) -> tuple[str, str]:
+    """RMSNorm of residual (+ delta): (normalized, the new residual)."""
+    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+    weight = b.weight(f"{name}.weight", norm.weight.detach().float().numpy())
+    out = output or f"{name}/out0"
+    if delta is None:
+        b.add("SimplifiedLayerNormalization", [residual, weight], name, [out], axis=-1, epsilon=eps, stash_type=1)
+        return out, residual
+    summed = f"{name}/residual"
+    b.add("SkipSimplifiedLayerNormalization", [residual, delta, weight], name, [out, "", "", summed], domain=MS,
+          epsilon=eps)
+    return out, summed
+
+
+def _activation(b: _Builder, x: str, kind: str, name: str) -> str:
+    if kind == "silu":
+        sigmoid = b.add("Sigmoid", [x], f"{name}/sigmoid")[0]
+        return b.add("Mul", [x, sigmoid], name)[0]
+    raise NotImplementedError(kind)
+
+
+def _rotary_caches(b: _Builder, rotary: nn.Module, length: int, dtype: str) -> tuple[str, str]:
+    """cos and sin of position x inverse frequency (length x head_dim/2), scaled as the model scales them, in the
+    attention's type."""
+    positions = torch.arange(length, dtype=torch.float32)
+    angles = torch.outer(positions, rotary.inv_freq.float())
+    scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    numpy_type = np.float16 if dtype == "fp16" else np.float32
+    return (b.weight("cos_cache", (angles.cos() * scaling).numpy().astype(numpy_type)),
+            b.weight("sin_cache", (angles.sin() * scaling).numpy().astype(numpy_type)))

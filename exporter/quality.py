@@ -1,0 +1,114 @@
+"""Quality of what ships, measured on every export: held-out text of the target task through the shipped graph.
+
+The shipped graph (its all-positions twin, exporter.export) and the dense model at the same precision score the
+same held-out tokens in onnxruntime: the first `HELDOUT_TOKENS` tokens of the task's held-out split (never its
+calibration split), prompts and answers joined by the end-of-sequence token, in windows of `WINDOW` tokens. The
+reference is what a user gets from the same checkpoint with no compression at all: every weight rounded to
+nearest at the same precision (exactly as onnxruntime's quantizer and onnxruntime-genai's builder round), the
+same graph structure and runtime. Reported: both perplexities and their ratio, and the shipped model's next-token
+agreement with the reference and KL(reference || shipped) per token; the dense fp32 model's perplexity beside
+them (PyTorch). The ratio is gated: above the profile's `quality.max_ppl_ratio` the export fails.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from exporter.contracts import ModelSpec, Quality
+from exporter.export import save, save_variant
+from exporter.graph import GraphOptions, all_positions, build_decoder
+from exporter.measure import feed, kv_layout, session
+from exporter.quantize import quantize_model
+from exporter.tasks import Task
+
+HELDOUT_TOKENS = 2048
+WINDOW = 512
+
+
+def heldout_tokens(task: Task, tokenizer: PreTrainedTokenizerBase, root: Path,
+                   count: int = HELDOUT_TOKENS) -> list[int]:
+    """The first `count` tokens of the task's held-out texts (prompt + reference answer), EOS between texts."""
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    for prompt, answer in task.heldout(root):
+        ids += tokenizer(prompt + answer, add_special_tokens=False).input_ids + separator
+        if len(ids) >= count:
+            break
+    return ids[:count]
+
+
+@dataclass
+class _Scores:
+    nll: float = 0.0
+    reference_nll: float = 0.0
+    same: int = 0
+    kl: float = 0.0
+    count: int = 0
+
+
+def reference_graph(dense: PreTrainedModel, spec: ModelSpec, precision: str, activations: str, kv_cache: str,
+                    window: int, folder: Path) -> Path:
+    """The uncompressed model at `precision` (int4: every weight rounded to nearest, computing with the shipped
+    graph's `activations`), all positions' logits."""
+    folder.mkdir(parents=True, exist_ok=True)
+    quantized = None if precision == "fp32" else quantize_model(dense)
+    graph = build_decoder(dense, spec, GraphOptions(window, activations, kv_cache), quantized)
+    save(graph, folder / "weights.onnx")
+    save_variant(all_positions(graph), folder / "all-positions.onnx")
+    return folder / "all-positions.onnx"
+
+
+def measure_quality(
+    task: str,
+    ids: list[int],
+    shipped_file: str,
+    reference_file: str,
+    dense: PreTrainedModel,
+    threads: int,
+    max_ratio: float,
+    window: int = WINDOW,
+) -> Quality:
+    """Score `ids` with both graphs (windows of `window` tokens, each token predicted from its window's earlier
+    tokens) and with the dense fp32 model in PyTorch."""
+    shipped, reference = session(shipped_file, "CPUExecutionProvider", threads), session(
+        reference_file, "CPUExecutionProvider", threads)
+    scores, dense_nll = _Scores(), 0.0
+    for start in range(0, len(ids) - 1, window):
+        piece = ids[start:start + window]
+        if len(piece) < 2:
+            break
+        targets = torch.tensor(piece[1:])
+        log_p = _log_probs(shipped, piece)
+        log_r = _log_probs(reference, piece)
+        rows = torch.arange(len(targets))
+        scores.nll -= float(log_p[rows, targets].sum())
+        scores.reference_nll -= float(log_r[rows, targets].sum())
+        scores.same += int((log_p.argmax(-1) == log_r.argmax(-1)).sum())
+        scores.kl += float((log_r.exp() * (log_r - log_p)).sum())
+        scores.count += len(targets)
+        with torch.no_grad():
+            log_d = torch.log_softmax(dense(input_ids=torch.tensor([piece])).logits[0, :-1].double(), -1)
+        dense_nll -= float(log_d[rows, targets].sum())
+    count = max(scores.count, 1)
+    perplexity, reference_perplexity = math.exp(scores.nll / count), math.exp(scores.reference_nll / count)
+    ratio = perplexity / reference_perplexity
+    return Quality(
+        task=task, tokens=count, window=window, shipped_perplexity=round(perplexity, 4),
+        reference_perplexity=round(reference_perplexity, 4),
+        dense_fp32_perplexity=round(math.exp(dense_nll / count), 4), ratio=round(ratio, 4),
+        top1_vs_reference=round(scores.same / count, 4), kl_vs_reference=round(scores.kl / count, 5),
+        max_ratio=max_ratio, passed=ratio <= max_ratio,
+    )
+
+
+def _log_probs(sess: ort.InferenceSession, window: list[int]) -> torch.Tensor:
+    """(len(window) - 1, vocab) float64 log-probabilities of each next token, from an all-positions graph."""
+    logits = sess.run(["logits"], feed(np.array([window], dtype=np.int64), kv_layout(sess).empty(), 0))[0]
+    return torch.log_softmax(torch.from_numpy(logits[0, :-1]).double(), -1)
