@@ -72,13 +72,15 @@ def tensor_key(*parts: str | torch.Tensor) -> str:
 def flatten(stats: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Per-layer statistics as one flat mapping, "layer/field" -> tensor, the form a cache entry holds. Layers that
     share one entry (projections reading the same input) store it once: the others hold "layer/@owner"."""
-    flat, owners = {}, {}
+    flat, owners, stored = {}, {}, set()
     for layer, fields in stats.items():
         owner = owners.setdefault(id(fields), layer)
         if owner != layer:
             flat[f"{layer}/{ALIAS}{owner}"] = torch.zeros(0)
             continue
-        flat.update({f"{layer}/{field}": value for field, value in fields.items()})
+        for field, value in fields.items():  # a tensor shared by two different entries is stored twice
+            flat[f"{layer}/{field}"] = value.clone() if id(value) in stored else value
+            stored.add(id(value))
     return flat
 
 

@@ -77,6 +77,8 @@ class ModelSpec:
     embedding_params: int  # token (and position) embeddings: a lookup, one row read per token
     lm_head_params: int  # the output projection (shares the embedding's storage when tied)
     other_params: int  # norms and everything else kept in fp32
+    activation: str = "silu"  # the MLP's: "silu" or "gelu" (graph node counts differ)
+    logit_softcap: bool = False  # Gemma 2: logits soft-capped after the lm_head
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ and the shipped ONNX graph in onnxruntime are scored by the same code on the sam
 - task metric (exporter.grading): exact match for GSM8K, pass@1 in the sandbox for MBPP/HumanEval, from one greedy
   completion per item;
 - perplexity of each item's reference answer given its own prompt (loss on the answer tokens only, token-weighted
-  over items); texts longer than `WINDOW` tokens are scored in sliding windows, each token once, with at least
-  `WINDOW - STRIDE` tokens of context;
+  over items); texts longer than `WINDOW` tokens (or the decoder's context) are scored in sliding windows, each
+  token once, with at least half a window of context;
 - against a reference model (the dense one): top-1 agreement and KL(reference || model) at the same positions.
 """
 
@@ -29,7 +29,6 @@ from exporter.grading import EvalItem, EvalTask
 from exporter.sandbox import network_isolation
 
 WINDOW = 512
-STRIDE = 256
 COMPLETION_CHARS = 2000  # kept per item in report.json
 
 
@@ -40,15 +39,16 @@ class TextScores:
     kl_vs_reference: float | None
 
 
-def windows(context: list[int], answer: list[int]) -> list[tuple[list[int], list[int]]]:
-    """(context, targets) pieces that score every answer token once within `WINDOW` tokens."""
+def windows(context: list[int], answer: list[int], window: int = WINDOW) -> list[tuple[list[int], list[int]]]:
+    """(context, targets) pieces that score every answer token once within `window` tokens, at least half of them
+    context."""
     if not context:  # the first token has nothing to be predicted from
         context, answer = answer[:1], answer[1:]
-    if len(context) + len(answer) <= WINDOW:
+    if len(context) + len(answer) <= window:
         return [(context, answer)] if answer else []
-    full, first = context + answer, len(context)
-    return [(full[max(0, start - (WINDOW - STRIDE)) : start], full[start : start + STRIDE])
-            for start in range(first, len(full), STRIDE)]
+    full, first, stride = context + answer, len(context), window // 2
+    return [(full[max(0, start - (window - stride)) : start], full[start : start + stride])
+            for start in range(first, len(full), stride)]
 
 
 def score_texts(
@@ -59,10 +59,11 @@ def score_texts(
 ) -> TextScores:
     """Perplexity of each answer given its prompt; top-1 agreement and KL against `reference` if given."""
     nll, same, kl, count = 0.0, 0, 0.0, 0
+    window = min(WINDOW, *(d.max_length or WINDOW for d in (decoder, reference) if d is not None))
     for prompt, answer in pairs:
         context = tokenizer(prompt).input_ids if prompt else []
         answer_ids = tokenizer(answer, add_special_tokens=not prompt).input_ids
-        for piece_context, targets in windows(context, answer_ids):
+        for piece_context, targets in windows(context, answer_ids, window):
             log_probs = torch.log_softmax(torch.from_numpy(decoder.logits_for(piece_context, targets)).double(), -1)
             nll -= float(log_probs[torch.arange(len(targets)), torch.tensor(targets)].sum())
             count += len(targets)

@@ -33,6 +33,18 @@ class LowRankLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))
 
+    @property
+    def in_features(self) -> int:
+        return self.first.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.second.out_features
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.second.bias
+
     def dense_weight(self) -> torch.Tensor:
         return self.second.weight @ self.first.weight  # (d_out x d_in)
 

@@ -19,11 +19,13 @@ import onnxruntime as ort
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from exporter.graph import CONTEXT_KEY
 from exporter.measure import feed, kv_layout, session
 
 
 class Decoder(ABC):
     label: str
+    max_length: int | None = None  # the longest sequence it serves (an exported graph's context), None: no limit
 
     @abstractmethod
     def start(self, ids: list[int]) -> np.ndarray:
@@ -48,6 +50,8 @@ class OnnxDecoder(Decoder):
     def __init__(self, sess: ort.InferenceSession, label: str = "onnxruntime"):
         self.sess, self.label = sess, label
         self.layout = kv_layout(sess)
+        context = sess.get_modelmeta().custom_metadata_map.get(CONTEXT_KEY)
+        self.max_length = int(context) if context else None
         self.outputs = [o.name for o in sess.get_outputs()]
         self.past: dict[str, np.ndarray] = {}
         self.length = 0
@@ -74,8 +78,8 @@ class OnnxDecoder(Decoder):
 class TorchDecoder(Decoder):
     """A transformers model through its own cache (the model as PyTorch runs it, compressed or not)."""
 
-    def __init__(self, model: PreTrainedModel, label: str = "PyTorch"):
-        self.model, self.label = model, label
+    def __init__(self, model: PreTrainedModel, label: str = "PyTorch", max_length: int | None = None):
+        self.model, self.label, self.max_length = model, label, max_length
         self.past = None
 
     @torch.no_grad()
@@ -117,10 +121,14 @@ def generate(
     eos_token_ids: tuple[int, ...] = (),
     keep_logits: bool = False,
 ) -> Generation:
-    """Greedy decoding: stops at an end-of-sequence token, when the decoded text contains a stop string, or after
-    `max_new_tokens`. Ties go to the lowest token id, as torch.argmax (and so transformers' `generate`) does."""
+    """Greedy decoding: stops at an end-of-sequence token, when the decoded text contains a stop string, after
+    `max_new_tokens`, or when the decoder's context is full (a prompt longer than it keeps its last tokens). Ties
+    go to the lowest token id, as torch.argmax (and so transformers' `generate`) does."""
     if stop_strings and tokenizer is None:
         raise ValueError("stop strings need the tokenizer to decode the text")
+    if decoder.max_length:
+        prompt = prompt[-(decoder.max_length - 1):]
+        max_new_tokens = min(max_new_tokens, decoder.max_length - len(prompt))
     logits = decoder.start(prompt)
     kept = [logits] if keep_logits else []
     tokens: list[int] = []

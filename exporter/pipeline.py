@@ -53,7 +53,7 @@ from exporter.report_html import write_html
 from exporter.select import SelectionMethod, get_method
 from exporter.sensitivity import layer_costs, output_fisher
 from exporter.tasks import DEFAULT_TASK, Task, data_dir, get_task, sample
-from exporter.validate import CPU, host_figures, measure_session, validate_parity
+from exporter.validate import CPU, GREEDY_STEPS, host_figures, measure_session, validate_parity
 
 MAX_PROMPT_TOKENS = 64
 MEMORY_ATTEMPTS = 2  # a plan whose measured memory misses the budget is made again, once, below the miss
@@ -102,8 +102,9 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
                             trust_remote_code=config.trust_remote_code)
         destination = Path(config.out or f"edgeslim-out/{loaded.name}-{profile.name}")
         _check_destination(destination)
+        prompt_tokens = max(1, min(MAX_PROMPT_TOKENS, profile.context_length - GREEDY_STEPS))  # + greedy steps
         prompts = [
-            loaded.tokenizer(text, return_tensors="pt").input_ids[:, :MAX_PROMPT_TOKENS]
+            loaded.tokenizer(text, return_tensors="pt").input_ids[:, :prompt_tokens]
             for text in sample(task.prompts(data_dir(config.data_dir)), config.parity_prompts, config.seed)
         ]
         heldout = heldout_tokens(task, loaded.tokenizer, data_dir(config.data_dir), config.quality_tokens)
@@ -248,12 +249,12 @@ def _evaluate(config, evaluation_tasks, dense, mirror, artifact, tokenizer, thre
               progress) -> tuple[Evaluation, ...]:
     """Dense (PyTorch), compressed (PyTorch, holding the shipped weights) and shipped (onnxruntime) models on the
     same items of each task; the dense model is the reference for top-1 agreement and KL."""
-    reference = TorchDecoder(dense, "dense (PyTorch)")
-    decoders = [
-        TorchDecoder(mirror, "compressed (PyTorch)" if artifact.precision == "fp32"
-                     else f"compressed, {artifact.precision} weights (PyTorch)"),
-        OnnxDecoder.from_file(artifact.model_file, CPU, threads, f"shipped {artifact.precision} (onnxruntime)"),
-    ]
+    shipped = OnnxDecoder.from_file(artifact.model_file, CPU, threads, f"shipped {artifact.precision} (onnxruntime)")
+    context = shipped.max_length  # every model sees the same (possibly shortened) prompts
+    reference = TorchDecoder(dense, "dense (PyTorch)", context)
+    compressed = TorchDecoder(mirror, "compressed (PyTorch)" if artifact.precision == "fp32"
+                              else f"compressed, {artifact.precision}-rounded (PyTorch)", context)
+    decoders = [compressed, shipped]
     evaluations = []
     for task, limit in evaluation_tasks:
         items = task.items(data_dir(config.data_dir), limit, config.seed)

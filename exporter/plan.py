@@ -97,7 +97,7 @@ def predict(spec: ModelSpec, layers: Sequence[LayerPlan], *, precision: str, con
     projection_params = sum(layer.params for layer in layers)
     head_params = spec.vocab_size * spec.hidden_size
     ranks = {layer.name: layer.rank for layer in layers}
-    dispatch = 1e-6 * op_overhead_us * node_count(ranks, spec.num_layers, precision, kv_cache)
+    dispatch = 1e-6 * op_overhead_us * node_count(spec, ranks, precision, kv_cache)
     decode_bytes = projection_bytes + table_bytes + kv_per_token * t
     decode_seconds = ((2 * projection_params + 4 * attn_dims * t) / (compute * _speed(blocks_compute, "decode"))
                       + 2 * head_params / (compute * _speed(head_compute, "decode")))

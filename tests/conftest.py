@@ -27,14 +27,14 @@ SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 def tiny_config(arch: str):
     common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=1)
     if arch == "llama":
-        return LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        return LlamaConfig(hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, tie_word_embeddings=True, **common)
     if arch == "qwen2":  # attention biases on q/k/v, untied head
-        return Qwen2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        return Qwen2Config(hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, tie_word_embeddings=False, **common)
     if arch == "gpt2":  # Conv1D projections, learned positions
-        return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
-    small = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        return GPT2Config(n_embd=128, n_layer=2, n_head=4, n_positions=256, **common)
+    small = dict(hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, **common)
     if arch == "mistral":
         return MistralConfig(sliding_window=None, **small)

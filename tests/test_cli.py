@@ -25,7 +25,7 @@ def test_plan_json_on_tiny_model(tmp_path, tiny_model_dir):
     profile = write_profile(tmp_path / "p.yaml")
     result = invoke("plan", "--device", str(profile), "--model", str(tiny_model_dir), "--json")
     assert result.exit_code == 0, result.output
-    plan = json.loads(result.output)
+    plan = json.loads(result.stdout)  # progress goes to stderr
     assert plan["type"] == "RankPlan" and plan["version"] == 1
     assert {"name", "shape", "rank", "kind"} <= set(plan["layers"][0])
     assert {"weights_bytes", "memory_bytes", "decode_ms_per_token"} <= set(plan["predicted"])

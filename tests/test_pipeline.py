@@ -18,9 +18,9 @@ def write_profile(path, **overrides):
         "precision": "int4",
         "context_length": 64,
         "memory_budget_mib": 256,
-        "latency": {"decode_ms_per_token": 1000, "prefill_ms": 3000, "prefill_tokens": 16},
-        # slow enough that the tiny model's dense prefill misses its budget: the plan must factorize
-        "hardware": {"memory_bandwidth_gbps": 10, "compute_gflops": 0.0005},
+        "latency": {"decode_ms_per_token": 1000, "prefill_ms": 8000, "prefill_tokens": 16},
+        # slow enough that the tiny model's dense prefill (11 s) misses its budget: the plan must factorize
+        "hardware": {"memory_bandwidth_gbps": 10, "compute_gflops": 0.001},
     }
     profile.update(overrides)
     path.write_text(yaml.safe_dump(profile))
@@ -49,27 +49,28 @@ def test_export_validates_each_precision(tmp_path, tiny_model_dir, precision):
 
 @pytest.mark.parametrize("arch", ["qwen2"], indirect=True)
 @pytest.mark.parametrize("method", ["svdllm", "taylor", "hessian"])
-def test_data_aware_method_with_global_allocation(tmp_path, tiny_model_dir, method):
+def test_data_aware_method_with_sensitivity_allocation(tmp_path, tiny_model_dir, method):
     profile = write_profile(tmp_path / "p.yaml")
     out = tmp_path / "out"
     result = run(RunConfig(device=str(profile), model=str(tiny_model_dir), out=str(out), parity_prompts=1,
-                           method=method, allocation="global", calibration_samples=4, calibration_seq_len=32))
+                           method=method, calibration_samples=4, calibration_seq_len=32, max_ppl_ratio=100))
     assert result.passed, result.failures
-    assert result.plan.allocation == "global" and result.method == method
+    assert result.plan.allocation == "sensitivity" and result.method == method
+    assert result.plan.estimated_loss_increase > 0
     plan = json.loads((out / "plan.json").read_text())
-    assert plan["allocation"] == "global"
+    assert plan["allocation"] == "sensitivity"
     ranks = {layer["rank"] for layer in plan["layers"]}
-    assert len(ranks) > 1, "global allocation gives layers different ranks"
+    assert len(ranks) > 1, "layers get the ranks their estimated loss justifies, not one ratio"
 
 
 @pytest.mark.parametrize("arch", ["llama"], indirect=True)
 def test_collected_statistics_are_cached_per_model_and_data(tmp_path, tiny_model_dir, monkeypatch):
-    from exporter import baselines
+    from exporter import pipeline
 
     monkeypatch.setenv("EDGESLIM_CACHE", str(tmp_path / "cache"))
     calls = []
-    original = baselines.activation_stats
-    monkeypatch.setattr(baselines, "activation_stats", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = pipeline.activation_stats
+    monkeypatch.setattr(pipeline, "activation_stats", lambda *a, **k: calls.append(1) or original(*a, **k))
     profile = write_profile(tmp_path / "p.yaml")
     config = dict(device=str(profile), model=str(tiny_model_dir), parity_prompts=1, method="svdllm",
                   calibration_samples=2, calibration_seq_len=32)
@@ -95,8 +96,9 @@ def test_export_with_evaluation_renders_a_report(tmp_path, tiny_model_dir):
     assert labels == ["dense (PyTorch)", "compressed, int4-rounded (PyTorch)", "shipped int4 (onnxruntime)"]
     dense, compressed, shipped = evaluation.models
     assert [i.item for i in dense.items] == [i.item for i in shipped.items], "the same items for every model"
-    assert [i.completion for i in compressed.items] == [i.completion for i in shipped.items]
-    assert shipped.perplexity == pytest.approx(compressed.perplexity, rel=1e-3)
+    # the shipped graph computes with int8 activations: close to the PyTorch model holding its weights, not equal
+    assert shipped.perplexity == pytest.approx(compressed.perplexity, rel=0.05)
+    assert len(compressed.items) == len(shipped.items) == 2
     assert dense.top1_vs_reference is None and shipped.top1_vs_reference is not None
     report = json.loads((out / "report.json").read_text())
     assert report["evaluations"][0]["task"] == "mbpp" and len(report["spectra"]) == 3

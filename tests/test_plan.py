@@ -7,10 +7,20 @@ import dataclasses
 import pytest
 from conftest import build_tiny
 
-from exporter.contracts import DeviceProfile, LayerSpec, ModelSpec
+from exporter.contracts import MIB, DeviceProfile, LayerSpec, ModelSpec
 from exporter.errors import BudgetError, UsageError
 from exporter.models import describe, normalize_
-from exporter.plan import bytes_per_weight, layers_at, make_plan, predict_for_device
+from exporter.plan import (
+    MEMORY_MARGIN,
+    allocate,
+    default_rank_multiple,
+    layers_at,
+    make_plan,
+    matrix_bytes,
+    predict_for_device,
+    rank_options,
+)
+from exporter.quantize import int4_bytes
 
 PROFILE = DeviceProfile(
     name="t", description="", execution_providers=("CPUExecutionProvider",), threads=1, precision="fp32",
@@ -64,14 +74,29 @@ def test_impossible_budget_states_smallest_figure():
     assert "> budget 1 MiB" in message
 
 
-def test_quantized_weights_are_smaller():
-    assert bytes_per_weight("fp32") == 4
-    assert 0.5 < bytes_per_weight("int4") < 0.7
+def test_int4_bytes_count_blocks_scales_and_padding():
+    assert matrix_bytes(64, 64, "fp32") == 4 * 64 * 64
+    assert int4_bytes(64, 64) == 64 * (2 * (16 + 4) + 1)  # two blocks a row: packed weights, scales, zero points
+    assert int4_bytes(64, 8) == int4_bytes(64, 32)  # K is padded to whole blocks: rank 8 costs rank 32
     spec = describe(normalize_(build_tiny("llama")))
     layers = layers_at(spec, 1.0, 8)
     sizes = [predict_for_device(spec, layers, dataclasses.replace(PROFILE, precision=p)).weights_bytes
              for p in ("fp32", "int4")]
     assert sizes == sorted(sizes, reverse=True)
+
+
+def test_fp16_kv_cache_halves_the_cache():
+    spec = describe(normalize_(build_tiny("llama")))
+    layers = layers_at(spec, 1.0, 8)
+    fp32, fp16 = (predict_for_device(spec, layers, dataclasses.replace(PROFILE, kv_cache_precision=kv))
+                  for kv in ("fp32", "fp16"))
+    per_token = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * 4
+    assert fp16.kv_cache_bytes * 2 == fp32.kv_cache_bytes == per_token * PROFILE.context_length
+
+
+def test_int4_rank_multiple_follows_the_block():
+    assert default_rank_multiple("int4") == 32 and default_rank_multiple("fp32") == 8
+    assert rank_options(576, 576, 32) == [32, 64, 96, 128, 160, 192, 224, 256]  # below break-even 288
 
 
 def test_context_beyond_the_model_is_a_usage_error():
@@ -89,22 +114,40 @@ def test_plans_are_deterministic():
     assert make_plan(spec, profile).factorized
 
 
-def test_global_allocation_spends_bytes_where_scores_are_high():
-    import torch
+def squeezed(spec, profile):
+    """The profile with a prefill budget halfway between the dense and the smallest plan's."""
+    dense = predict_for_device(spec, layers_at(spec, 1.0, 8), profile)
+    small = predict_for_device(spec, layers_at(spec, 0.0, 8), profile)
+    return dataclasses.replace(profile, prefill_ms=(dense.prefill_ms + small.prefill_ms) / 2)
 
-    from exporter.plan import allocate
 
+def test_allocation_compresses_where_the_estimated_loss_is_lowest():
     spec = spec_with([LayerSpec("important", 64, 64, False), LayerSpec("unimportant", 64, 64, False)])
-    scores = {"important": torch.linspace(100, 1, 64), "unimportant": torch.linspace(1, 0.01, 64)}
-    dense = predict_for_device(spec, layers_at(spec, 1.0, 8), PROFILE)
-    small = predict_for_device(spec, layers_at(spec, 0.0, 8), PROFILE)
-    profile = dataclasses.replace(PROFILE, prefill_ms=(dense.prefill_ms + small.prefill_ms) / 2)
-    plan = allocate(spec, profile, scores)
+    profile = squeezed(spec, PROFILE)
+    costs = {"important": {r: 100.0 / r for r in rank_options(64, 64, 8)},
+             "unimportant": {r: 0.01 / r for r in rank_options(64, 64, 8)}}
+    plan = allocate(spec, profile, costs, 8)
     ranks = {layer.name: layer.rank for layer in plan.layers}
-    assert plan.allocation == "global"
+    assert plan.allocation == "sensitivity"
     assert plan.predicted.prefill_ms <= profile.prefill_ms
-    assert ranks["unimportant"] == 8
-    assert ranks["important"] is None or ranks["important"] > 8
-    assert all(rank is None or rank % 8 == 0 for rank in ranks.values())
-    uniform = make_plan(spec, profile)
-    assert plan.predicted.prefill_ms >= uniform.predicted.prefill_ms - 1e-9  # spends at least as much budget
+    assert ranks["important"] is None, "the costly layer stays dense"
+    assert ranks["unimportant"] is not None and ranks["unimportant"] % 8 == 0
+    assert plan.estimated_loss_increase == pytest.approx(costs["unimportant"][ranks["unimportant"]])
+
+
+def test_allocation_ships_dense_when_dense_fits():
+    spec = describe(normalize_(build_tiny("qwen2")))
+    plan = allocate(spec, PROFILE, {})  # no costs needed: nothing is compressed
+    assert plan.allocation == "dense" and not plan.factorized and plan.estimated_loss_increase == 0
+
+
+def test_int4_plans_choose_what_the_matmuls_compute_with():
+    spec = describe(normalize_(build_tiny("llama")))
+    profile = dataclasses.replace(PROFILE, precision="int4")
+    assert make_plan(spec, profile).activations == "int8"  # fastest when everything fits
+    fast = predict_for_device(spec, layers_at(spec, 1.0, 32), profile, "int8")
+    lean = predict_for_device(spec, layers_at(spec, 1.0, 32), profile, "fp32")
+    assert lean.memory_bytes < fast.memory_bytes and lean.decode_ms_per_token >= fast.decode_ms_per_token
+    budget = (lean.memory_bytes + fast.memory_bytes) / 2 / MIB / (1 - MEMORY_MARGIN)
+    plan = make_plan(spec, dataclasses.replace(profile, memory_budget_mib=budget))
+    assert plan.allocation == "dense" and plan.activations != "int8"  # less memory, nothing factorized

@@ -1,18 +1,30 @@
-"""The PyTorch mirror of onnxruntime's weight quantizer must round exactly as the quantizer does."""
+"""The int4 format: round-to-nearest exactly as onnxruntime's quantizer, GPTQ on the same grid, and the model-wide
+rounding that the graph and its PyTorch mirror share."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import build_tiny
 from onnx import TensorProto, helper, numpy_helper
 
-from exporter.quantize import quantize_graph, round_trip
+from exporter.calibration import Calibration
+from exporter.collect import activation_stats
+from exporter.contracts import LayerPlan, RankPlan
+from exporter.factorize import factorize_
+from exporter.models import describe
+from exporter.quantize import Int4Matrix, apply_, gptq, int4_bytes, quantize_model, round_to_nearest
+from exporter.select import get_method
 
 
-def single_matmul(path, weight: np.ndarray) -> None:
+def onnxruntime_quantized(weight: np.ndarray) -> dict[str, np.ndarray]:
+    """onnxruntime's own MatMulNBits quantizer on one MatMul (weight K x N): its initializers by suffix."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
     k = weight.shape[0]
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
@@ -20,61 +32,104 @@ def single_matmul(path, weight: np.ndarray) -> None:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(weight, "W")],
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(path))
+    quantizer = MatMulNBitsQuantizer(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]),
+                                     bits=4, block_size=32, is_symmetric=False)
+    quantizer.process()
+    model = quantizer.model.model
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    found = {init.name.rsplit("_", 1)[-1]: numpy_helper.to_array(init) for init in model.graph.initializer}
+    found["dequantized"] = session.run(None, {"x": np.eye(k, dtype=np.float32)})[0].T  # identity input
+    return found
 
 
-@pytest.mark.parametrize(("k", "n"), [(64, 48), (40, 24), (8, 16), (160, 64)])
-def test_round_trip_matches_onnxruntime(tmp_path, k, n):
+@pytest.mark.parametrize(("k", "n"), [(64, 48), (576, 96), (40, 24), (160, 64)])
+def test_round_to_nearest_is_onnxruntimes_quantizer(k, n):
     rng = np.random.default_rng(k * n)
     weight = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
-    single_matmul(tmp_path / "m.onnx", weight)
-    quantized = quantize_graph(tmp_path / "m.onnx", "int4")
-    assert {node.op_type for node in quantized.graph.node} == {"MatMulNBits"}
-    session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
-    x = np.eye(k, dtype=np.float32)  # identity input: the output *is* the dequantized weight
-    dequantized = session.run(None, {"x": x})[0]
-    mirror = round_trip(torch.from_numpy(weight.T.copy()), 4, "mlas").numpy().T
-    np.testing.assert_array_equal(dequantized, mirror)
-    assert not np.allclose(mirror, weight)  # it did quantize
+    ours = round_to_nearest(torch.from_numpy(weight.T.copy()))
+    theirs = onnxruntime_quantized(weight)
+    np.testing.assert_array_equal(ours.dequantize().numpy(), theirs["dequantized"])
+    np.testing.assert_array_equal(ours.scale.numpy().reshape(-1), theirs["scales"].reshape(-1))
+    if k % 32 == 0:  # full blocks: the same bytes (a partial block's padding and an odd block's pad nibble differ)
+        np.testing.assert_array_equal(ours.packed_weights(), theirs["Q4"])
+        if (k // 32) % 2 == 0:
+            np.testing.assert_array_equal(ours.packed_zero_points().reshape(-1), theirs["points"].reshape(-1))
+    assert not np.allclose(ours.dequantize().numpy(), weight.T)  # it did quantize
 
 
-def tied_values(shape, seed):
-    """Weights on a grid where x / scale + zero point lands exactly on .5 for many entries."""
-    rng = np.random.default_rng(seed)
-    levels = rng.integers(0, 31, size=shape).astype(np.float32)
-    levels[:, :1], levels[:, 1:2] = 0, 30  # each block spans [-15h, 15h]: scale 2h, halves everywhere
-    return (levels - 15) * np.float32(1 / 64)
+def test_exact_halves_round_away_from_zero_as_c_does():
+    levels = np.random.default_rng(0).integers(0, 31, size=(16, 64)).astype(np.float32)
+    levels[:, :1], levels[:, 1:2] = 0, 30  # each block spans [-15h, 15h]: scale 2h, many exact halves
+    weight = (levels - 15) * np.float32(1 / 64)
+    np.testing.assert_array_equal(round_to_nearest(torch.from_numpy(weight)).dequantize().numpy(),
+                                  onnxruntime_quantized(weight.T.copy())["dequantized"])
 
 
-def test_matmul_rounding_of_exact_halves(tmp_path):
-    weight = tied_values((64, 16), 0)
-    single_matmul(tmp_path / "m.onnx", weight)
-    quantized = quantize_graph(tmp_path / "m.onnx", "int4")
-    session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
-    dequantized = session.run(None, {"x": np.eye(64, dtype=np.float32)})[0]
-    mlas = round_trip(torch.from_numpy(weight.T.copy()), 4, "mlas").numpy().T
-    numpy_rounding = round_trip(torch.from_numpy(weight.T.copy()), 4, "numpy").numpy().T
-    np.testing.assert_array_equal(dequantized, mlas)
-    assert not np.array_equal(mlas, numpy_rounding)  # the case really distinguishes the two conventions
+def test_zero_blocks_and_padding_hold_zero():
+    matrix = round_to_nearest(torch.zeros(3, 40))
+    assert torch.equal(matrix.dequantize(), torch.zeros(3, 40))
+    assert matrix.q.shape == (3, 64) and matrix.nbytes() == int4_bytes(3, 40)
+    padded = round_to_nearest(torch.randn(2, 40))
+    assert torch.equal(padded.q[:, 40:], padded.zero[:, 1:2].expand(2, 24))  # padding = zero point: value 0
 
 
-def test_embedding_rounding_matches_gather_quantizer(tmp_path):
-    table = tied_values((40, 64), 1)  # (vocab, hidden): blocks along hidden
-    graph = helper.make_graph(
-        [helper.make_node("Gather", ["table", "ids"], ["y"], axis=0)], "g",
-        [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(table, "table")],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(tmp_path / "g.onnx"))
-    quantized = quantize_graph(tmp_path / "g.onnx", "int4")
-    assert {node.op_type for node in quantized.graph.node} == {"GatherBlockQuantized"}
-    session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
-    dequantized = session.run(None, {"ids": np.arange(40, dtype=np.int64)})[0]
-    np.testing.assert_array_equal(dequantized, round_trip(torch.from_numpy(table), 4, "numpy").numpy())
+def correlated_inputs(n=2048, d=128, seed=0):
+    torch.manual_seed(seed)
+    x = torch.randn(n, d) @ torch.randn(d, d) * 0.1
+    return x, (x.T @ x / n).double()
 
 
-@pytest.mark.parametrize("rounding", ["mlas", "numpy"])
-def test_round_trip_keeps_zero_blocks(rounding):
-    weight = torch.zeros(3, 40)
-    assert torch.equal(round_trip(weight, 4, rounding), weight)
+def test_gptq_lowers_the_output_error_on_its_inputs():
+    x, gram = correlated_inputs()
+    weight = torch.randn(64, 128) * 0.05
+    errors = {name: float(((x @ (weight - matrix.dequantize()).T) ** 2).mean())
+              for name, matrix in (("nearest", round_to_nearest(weight)), ("gptq", gptq(weight, gram)))}
+    assert errors["gptq"] < 0.8 * errors["nearest"]
+    matrix = gptq(weight, gram)
+    assert int(matrix.q.max()) <= 15 and matrix.q.dtype == torch.uint8
+    rebuilt = Int4Matrix(matrix.q, matrix.scale, matrix.zero, matrix.k).dequantize()
+    assert torch.equal(rebuilt, matrix.dequantize())
+
+
+def test_factorized_layers_are_rounded_with_a_refitted_second_factor():
+    model = build_tiny("llama")
+    name = "model.layers.0.mlp.down_proj"
+    spec = describe(model)
+    layers = tuple(LayerPlan(layer.name, layer.d_in, layer.d_out, 32 if layer.name == name else None)
+                   for layer in spec.layers)
+    factorize_(model, RankPlan("t", "int4", 0.5, 32, layers, None, None), get_method("svd"), {})
+    torch.manual_seed(0)
+    batches = tuple(torch.randint(2, 300, (1, 64)) for _ in range(4))
+    stats = activation_stats(model, Calibration(batches, "t"), [layer.name for layer in spec.layers] + ["lm_head"])
+    inputs = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda _, args: inputs.append(args[0]))
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    handle.remove()
+    x = torch.cat(inputs).reshape(-1, inputs[0].shape[-1])
+    exact = x @ model.get_submodule(name).dense_weight().T
+
+    def error(quantized) -> float:
+        first, second = quantized[f"{name}.first"].dequantize(), quantized[f"{name}.second"].dequantize()
+        return float(((x @ first.T @ second.T - exact) ** 2).mean())
+
+    assert error(quantize_model(model, stats)) < 0.8 * error(quantize_model(model))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_mirror_holds_every_quantized_weight(family):
+    model = build_tiny(family)
+    spec = describe(model)
+    layers = tuple(LayerPlan(layer.name, layer.d_in, layer.d_out, 8 if i % 3 == 0 else None)
+                   for i, layer in enumerate(spec.layers))
+    factorize_(model, RankPlan("t", "int4", 0.5, 8, layers, None, None), get_method("svd"), {})
+    quantized = quantize_model(model)
+    linears = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    expected = linears | ({"model.embed_tokens"} if not spec.tied_embeddings else set())
+    assert set(quantized) == expected
+    mirror = apply_(copy.deepcopy(model), quantized)
+    for name, matrix in quantized.items():
+        assert torch.equal(mirror.get_submodule(name).weight, matrix.dequantize())
+    if spec.tied_embeddings:
+        assert mirror.get_input_embeddings().weight is mirror.get_output_embeddings().weight
