@@ -193,7 +193,8 @@ def build_decoder(model: nn.Module, spec: ModelSpec, options: GraphOptions,
     b.add("Slice", [final, b.constant([-1]), b.constant([2**62]), b.constant([1])], "last_position", [LAST_HIDDEN])
     _lm_head(b, weights, model, quantized, LAST_HIDDEN, head_level)
 
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, "logits_length", spec.vocab_size])]
+    # one logits row a sequence: the static 1 tells onnxruntime-genai the graph returns the last position only
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 1, spec.vocab_size])]
     outputs += [helper.make_tensor_value_info(n, options.kv_type, [batch, spec.num_kv_heads, total, spec.head_dim])
                 for n in present_names(spec.num_layers)]
     graph = helper.make_graph(b.nodes, "edgeslim-decoder", inputs, outputs, b.initializers)
@@ -322,6 +323,7 @@ def all_positions(proto: onnx.ModelProto) -> onnx.ModelProto:
         node.input[:] = [ALL_HIDDEN if name == LAST_HIDDEN else name for name in node.input]
     del twin.graph.node[:]
     twin.graph.node.extend(nodes)
+    twin.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "sequence_length"
     used = {name for node in nodes for name in node.input}
     kept = [init for init in twin.graph.initializer if init.name in used]
     del twin.graph.initializer[:]

@@ -59,11 +59,11 @@ class KVLayout:
         return {name: np.full(shape, 0, self.dtype) if fill else np.zeros(shape, self.dtype) for name in self.names}
 
 
-def kv_layout(sess: ort.InferenceSession) -> KVLayout:
-    """Read from the graph's declared past inputs."""
+def kv_layout(sess: ort.InferenceSession, head_dim: int | None = None) -> KVLayout:
+    """Read from the graph's declared past inputs (`head_dim` for graphs that leave it symbolic)."""
     inputs = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
     dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
-    return KVLayout([i.name for i in inputs], int(inputs[0].shape[1]), int(inputs[0].shape[3]), dtype)
+    return KVLayout([i.name for i in inputs], int(inputs[0].shape[1]), head_dim or int(inputs[0].shape[3]), dtype)
 
 
 def feed(ids: np.ndarray, past: dict[str, np.ndarray], past_len: int) -> dict[str, np.ndarray]:
@@ -75,10 +75,10 @@ class SharedCache:
     """Runs the graph as onnxruntime-genai does with `past_present_share_buffer`: one KV buffer of `context`
     positions per layer, bound as both the past input and the present output, written in place."""
 
-    def __init__(self, sess: ort.InferenceSession, context: int):
+    def __init__(self, sess: ort.InferenceSession, context: int, head_dim: int | None = None):
         self.sess = sess
         self.buffers = {name: ort.OrtValue.ortvalue_from_numpy(array)
-                        for name, array in kv_layout(sess).empty(context, fill=True).items()}
+                        for name, array in kv_layout(sess, head_dim).empty(context, fill=True).items()}
         self.binding = sess.io_binding()
 
     def run(self, ids: np.ndarray, past_len: int) -> np.ndarray:
@@ -96,12 +96,13 @@ class SharedCache:
         return binding.get_outputs()[0].numpy()
 
 
-def measure(model: str, provider: str, threads: int, prefill_tokens: int, context: int, runs: int) -> dict:
+def measure(model: str, provider: str, threads: int, prefill_tokens: int, context: int, runs: int,
+            head_dim: int | None = None) -> dict:
     baseline = _peak_rss_bytes()
     start = time.perf_counter()
     sess = session(model, provider, threads)
     load_ms = 1e3 * (time.perf_counter() - start)
-    cache = SharedCache(sess, context)
+    cache = SharedCache(sess, context, head_dim)
     vocab = int(sess.get_outputs()[0].shape[2])
     ids = np.random.default_rng(0).integers(0, vocab, size=(1, prefill_tokens), dtype=np.int64)
 
@@ -136,8 +137,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefill-tokens", type=int, required=True)
     parser.add_argument("--context", type=int, required=True)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--head-dim", type=int, default=None, help="for graphs that leave it symbolic")
     args = parser.parse_args(argv)
-    result = measure(args.model, args.provider, args.threads, args.prefill_tokens, args.context, args.runs)
+    result = measure(args.model, args.provider, args.threads, args.prefill_tokens, args.context, args.runs,
+                     args.head_dim)
     json.dump(result, sys.stdout)
 
 

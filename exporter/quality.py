@@ -13,6 +13,7 @@ them (PyTorch). The ratio is gated: above the profile's `quality.max_ppl_ratio` 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,25 +78,19 @@ def measure_quality(
 ) -> Quality:
     """Score `ids` with both graphs (windows of `window` tokens, each token predicted from its window's earlier
     tokens) and with the dense fp32 model in PyTorch."""
-    shipped, reference = session(shipped_file, "CPUExecutionProvider", threads), session(
-        reference_file, "CPUExecutionProvider", threads)
+    shipped, reference = (session(f, "CPUExecutionProvider", threads) for f in (shipped_file, reference_file))
     scores, dense_nll = _Scores(), 0.0
-    for start in range(0, len(ids) - 1, window):
-        piece = ids[start:start + window]
-        if len(piece) < 2:
-            break
-        targets = torch.tensor(piece[1:])
-        log_p = _log_probs(shipped, piece)
-        log_r = _log_probs(reference, piece)
-        rows = torch.arange(len(targets))
+    pairs = zip(window_log_probs(shipped, ids, window), window_log_probs(reference, ids, window), strict=True)
+    for start, ((log_p, targets), (log_r, _)) in zip(range(0, len(ids), window), pairs, strict=False):
+        rows = np.arange(len(targets))
         scores.nll -= float(log_p[rows, targets].sum())
         scores.reference_nll -= float(log_r[rows, targets].sum())
         scores.same += int((log_p.argmax(-1) == log_r.argmax(-1)).sum())
-        scores.kl += float((log_r.exp() * (log_r - log_p)).sum())
+        scores.kl += float((np.exp(log_r) * (log_r - log_p)).sum())
         scores.count += len(targets)
         with torch.no_grad():
-            log_d = torch.log_softmax(dense(input_ids=torch.tensor([piece])).logits[0, :-1].double(), -1)
-        dense_nll -= float(log_d[rows, targets].sum())
+            logits = dense(input_ids=torch.tensor([ids[start:start + window]])).logits[0, :-1]
+        dense_nll -= float(torch.log_softmax(logits.double(), -1)[rows, targets].sum())
     count = max(scores.count, 1)
     perplexity, reference_perplexity = math.exp(scores.nll / count), math.exp(scores.reference_nll / count)
     ratio = perplexity / reference_perplexity
@@ -108,7 +103,15 @@ def measure_quality(
     )
 
 
-def _log_probs(sess: ort.InferenceSession, window: list[int]) -> torch.Tensor:
-    """(len(window) - 1, vocab) float64 log-probabilities of each next token, from an all-positions graph."""
-    logits = sess.run(["logits"], feed(np.array([window], dtype=np.int64), kv_layout(sess).empty(), 0))[0]
-    return torch.log_softmax(torch.from_numpy(logits[0, :-1]).double(), -1)
+def window_log_probs(sess: ort.InferenceSession, ids: list[int], window: int,
+                     head_dim: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Per window of `ids`: (log-probabilities (len - 1, vocab) float64, the tokens they predict), from a graph
+    that returns every position's logits (`head_dim` for graphs that leave it symbolic)."""
+    layout = kv_layout(sess, head_dim)
+    for start in range(0, len(ids) - 1, window):
+        piece = ids[start:start + window]
+        if len(piece) < 2:
+            break
+        logits = sess.run(["logits"], feed(np.array([piece], dtype=np.int64), layout.empty(), 0))[0][0, :-1]
+        shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+        yield shifted - np.log(np.exp(shifted).sum(-1, keepdims=True)), np.array(piece[1:])

@@ -1,8 +1,9 @@
 """report.html: one self-contained page (figures embedded as PNG) built from report.json and any eval-*.json.
 
 Built from the JSON files only, so `edgeslim report FOLDER` can rebuild it at any time, and what the page shows is
-exactly what was recorded. Sections: summary, budgets (predicted vs measured vs budget), per-layer ranks, basis
-spectra, parity, and task metrics of dense vs compressed vs shipped models.
+exactly what was recorded. Sections: summary, quality of what ships (held-out perplexity against the dense model),
+budgets (predicted vs measured vs budget), per-layer ranks, basis spectra, parity, and task metrics of dense vs
+compressed vs shipped models.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def render(report: dict, evaluations: list[dict]) -> str:
         f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title><style>{STYLE}</style></head>",
         f"<body><h1>{_e(title)}</h1>",
         _summary(report),
+        *_quality(report.get("quality"), report["profile"]["precision"]),
         "<section id='budgets'><h2>Budgets</h2>", _figure(_budget_figure(report["checks"])),
         _checks_table(report["checks"]), "</section>",
         "<section id='ranks'><h2>Per-layer ranks</h2>",
@@ -76,7 +78,7 @@ def render(report: dict, evaluations: list[dict]) -> str:
 
 
 def _summary(report: dict) -> str:
-    verdict = "<span class='pass'>validated, every budget met</span>" if report["passed"] else (
+    verdict = "<span class='pass'>validated, every budget and the quality gate met</span>" if report["passed"] else (
         "<span class='fail'>FAILED</span><ul>" + "".join(f"<li>{_e(f)}</li>" for f in report["failures"]) + "</ul>")
     profile, artifact = report["profile"], report["artifact"]
     rows = [("model", report["model"]), ("target application", report["task"]), ("selection method", report["method"]),
@@ -85,6 +87,30 @@ def _summary(report: dict) -> str:
             ("providers not available here", ", ".join(report["providers_not_available"]) or "none")]
     table = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows)
     return f"<section id='summary'><h2>Summary</h2><p>{verdict}</p><table>{table}</table></section>"
+
+
+def _quality(quality: dict | None, precision: str) -> list[str]:
+    """The held-out quality of what ships next to the dense model at the same precision and in fp32."""
+    if quality is None:
+        return []
+    bars = [(f"shipped {precision} (onnxruntime)", quality["shipped_perplexity"]),
+            (f"dense {precision}, rounded to nearest (onnxruntime)", quality["reference_perplexity"]),
+            ("dense fp32 (PyTorch)", quality["dense_fp32_perplexity"])]
+    figure, axis = plt.subplots(figsize=(8, 2.2))
+    axis.barh([name for name, _ in bars], [value for _, value in bars], color=["#3b6fb6", "#888", "#bbb"])
+    axis.axvline(quality["reference_perplexity"] * quality["max_ratio"], color="black", linestyle="--",
+                 label=f"gate: {quality['max_ratio']:g}x the dense {precision} model")
+    axis.invert_yaxis()
+    axis.set_xlabel(f"held-out {quality['task']} perplexity (lower is better)")
+    axis.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    text = (f"<p>{quality['tokens']} held-out tokens of {_e(quality['task'])} (never the calibration split), windows "
+            f"of {quality['window']}: perplexity {quality['shipped_perplexity']:.2f} against "
+            f"{quality['reference_perplexity']:.2f} for the dense model at {_e(precision)}, ratio "
+            f"{quality['ratio']:.3f} (limit {quality['max_ratio']:g}): {_verdict(quality['passed'])}. Next token the "
+            f"same as the dense {_e(precision)} model's at {quality['top1_vs_reference']:.1%} of positions, KL "
+            f"{quality['kl_vs_reference']:.3f} nats/token.</p>")
+    return ["<section id='quality'><h2>Quality of what ships</h2>", text, _figure(figure), "</section>"]
 
 
 def _budget_figure(checks: list[dict]):
@@ -186,7 +212,8 @@ def _parity_table(report: dict) -> str:
     rows = "".join(
         f"<tr><td>{_e(p['graph'])}</td><td>{_e(p['provider'])}</td><td>{p['max_abs_logit_diff']:.3g}</td>"
         f"<td>{p['tolerance']:.3g}</td><td>{p['greedy_identical']} ({p['greedy_steps']} steps)</td>"
-        f"<td>{_verdict(p['passed'])}</td></tr>" for p in report["parity"])
+        f"<td>{_verdict(p['passed']) if p.get('gated', True) else 'reported, not gated'}</td></tr>"
+        for p in report["parity"])
     return f"<table>{head}{rows}</table>"
 
 

@@ -83,3 +83,36 @@ def tiny_model_dir(tmp_path, arch, tokenizer) -> Path:
     build_tiny(arch).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def train_tiny(tokenizer, texts: list[str] | None = None, steps: int = 150, samples: int = 8):
+    """A tiny Llama trained for a few seconds on `texts` (default: two standard-library modules), and those texts as
+    calibration batches: unlike a random model it has structure to lose, so compression shows in its loss."""
+    from exporter.calibration import calibration_batches
+    from exporter.models import normalize_
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = texts or [(stdlib / name).read_text() for name in ("textwrap.py", "shlex.py")]
+    calibration = calibration_batches(tokenizer, texts, samples=samples, seq_len=64, seed=0)
+    model = normalize_(build_tiny("llama")).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        batch = calibration.batches[step % len(calibration.batches)]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), calibration
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny Llama that knows the `code` task's held-out text (HumanEval): trained on it, so that what compression
+    costs shows in the held-out perplexity the quality gate reads (a test fixture, not an evaluation)."""
+    from exporter.tasks import data_dir, get_task
+
+    texts = [prompt + answer for prompt, answer in get_task("code").heldout(data_dir())[:10]]
+    folder = tmp_path_factory.mktemp("trained") / "tiny-trained-llama"
+    train_tiny(tokenizer, texts, steps=1500, samples=64)[0].save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import build_tiny
+from conftest import build_tiny, train_tiny
 
 from exporter.calibration import calibration_batches
 from exporter.collect import activation_stats
@@ -87,20 +87,7 @@ def calibration_loss(model, calibration) -> float:
 def trained(tokenizer):
     """A tiny Llama trained for a few seconds on standard-library code, and that code as calibration data:
     a random model has no structure for a method to find (every basis is equally unimportant)."""
-    import sysconfig
-    from pathlib import Path
-
-    texts = [(Path(sysconfig.get_paths()["stdlib"]) / f).read_text() for f in ("textwrap.py", "shlex.py")]
-    calibration = calibration_batches(tokenizer, texts, samples=8, seq_len=64, seed=0)
-    model = normalize_(build_tiny("llama")).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for step in range(150):
-        batch = calibration.batches[step % len(calibration.batches)]
-        loss = model(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval(), calibration
+    return train_tiny(tokenizer)
 
 
 # ASVD is left out: its activation scaling is a heuristic, not an error minimiser, and on this tiny model it ties

@@ -21,15 +21,16 @@ def edgeslim(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
                           check=False)
 
 
-def test_wearable_plan_must_compress_and_fits():
-    profile = load_profile(ROOT / "device_profiles" / "wearable.yaml")
-    done = edgeslim("plan", "--device", "device_profiles/wearable.yaml", "--json")
+def test_tight_watch_plan_must_compress_and_fits():
+    profile = load_profile(ROOT / "device_profiles" / "watch-lite.yaml")
+    done = edgeslim("plan", "--device", "device_profiles/watch-lite.yaml", "--json")
     assert done.returncode == 0, done.stderr
     plan = json.loads(done.stdout)
     assert plan["predicted"]["memory_bytes"] <= profile.memory_budget_bytes
-    assert plan["predicted"]["weights_bytes"] <= profile.memory_budget_bytes
     assert plan["dense_predicted"]["memory_bytes"] > profile.memory_budget_bytes, "the budget must force compression"
+    assert plan["allocation"] == "sensitivity" and plan["estimated_loss_increase"] > 0
     assert any(layer["kind"] == "factorized" for layer in plan["layers"])
+    assert all(layer["rank"] % 32 == 0 for layer in plan["layers"] if layer["rank"])  # MatMulNBits' block grid
 
 
 EVAL = ("--eval", "gsm8k:3,mbpp:3", "--max-new-tokens", "128")
@@ -55,25 +56,36 @@ def test_phone_export_validates_and_fits(phone_export):
     assert report["passed"] is True
     assert report["artifact"]["file_bytes"] <= budget
     assert 0 < report["measurement"]["peak_memory_bytes"] <= budget
-    assert all(p["passed"] and p["greedy_identical"] for p in report["parity"])
-    assert {p["graph"] for p in report["parity"]} == {"reference fp32", f"shipped {profile['precision']}"}
+    assert all(p["passed"] and p["greedy_identical"] for p in report["parity"] if p["gated"])
+    assert {p["graph"] for p in report["parity"] if p["gated"]} == {"reference fp32", "int4 weights, exact compute"}
     genai = json.loads((out / "genai_config.json").read_text())
-    assert genai["search"]["past_present_share_buffer"] is False
+    assert genai["search"]["past_present_share_buffer"] is True
     assert genai["model"]["decoder"]["num_hidden_layers"] == 30
     assert not list(tmp_path.glob(".*partial*")), "no staging folder may be left behind"
 
 
+def test_phone_export_is_lean_and_as_good_as_the_dense_int4_model(phone_export):
+    """What ships: one int4 table, ~13 nodes a block (11, and casts for the fp16 KV cache), and held-out quality
+    no worse than the dense int4 model that onnxruntime's own quantizer makes (86.5 MB from onnxruntime-genai's
+    builder)."""
+    report = json.loads((phone_export / "report.json").read_text())
+    assert report["artifact"]["file_bytes"] <= 1.02 * 86.5e6
+    assert report["artifact"]["nodes"] <= 13 * 30 + 20
+    quality = report["quality"]
+    assert quality["passed"] and quality["tokens"] > 2000
+    assert quality["ratio"] <= 1.10, quality
+    assert quality["dense_fp32_perplexity"] < quality["shipped_perplexity"]
+
+
 def test_shipped_model_answers_like_the_pytorch_model(phone_export):
-    """Same items, same completions: the int4 ONNX graph in onnxruntime and the int4-rounded PyTorch model."""
+    """Same items for every model; the int4 graph (int8 activations) scores as the PyTorch model holding its weights."""
     report = json.loads((phone_export / "report.json").read_text())
     assert [e["task"] for e in report["evaluations"]] == ["gsm8k", "mbpp"]
     for evaluation in report["evaluations"]:
         dense, compressed, shipped = evaluation["models"]
         assert dense["label"] == "dense (PyTorch)" and shipped["label"].endswith("(onnxruntime)")
         assert [i["item"] for i in dense["items"]] == [i["item"] for i in shipped["items"]]
-        assert [i["completion"] for i in compressed["items"]] == [i["completion"] for i in shipped["items"]]
-        assert [i["correct"] for i in compressed["items"]] == [i["correct"] for i in shipped["items"]]
-        assert shipped["perplexity"] == pytest.approx(compressed["perplexity"], rel=1e-2)
+        assert shipped["perplexity"] == pytest.approx(compressed["perplexity"], rel=0.05)
         assert 0 <= shipped["top1_vs_reference"] <= 1 and shipped["kl_vs_reference"] >= 0
     assert report["evaluations"][1]["sandbox_network"] in ("namespace", "audit hook")
 
@@ -93,7 +105,7 @@ def test_report_renders_with_its_figures(phone_export, tmp_path):
     from browser import render_in_browser
 
     page = render_in_browser(phone_export / "report.html", tmp_path)
-    for section in ("summary", "budgets", "ranks", "spectra", "parity", "evaluation-0", "evaluation-1"):
+    for section in ("summary", "quality", "budgets", "ranks", "parity", "evaluation-0", "evaluation-1"):
         assert f'id="{section}"' in page, section
-    figures = page.count("<img")
+    figures = page.count("<img")  # quality, budgets, ranks, two evaluations (a dense plan has no spectra)
     assert figures == 5 and f'data-rendered-figures="{figures}"' in page

@@ -39,10 +39,16 @@ def test_export_validates_each_precision(tmp_path, tiny_model_dir, precision):
     assert "reference-fp32.onnx" not in names
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] is True
-    graphs = {p["graph"] for p in report["parity"]}
-    assert "reference fp32" in graphs
+    gated = {p["graph"] for p in report["parity"] if p["gated"]}
+    assert all(p["passed"] for p in report["parity"] if p["gated"])
+    assert "reference fp32" in gated
     if precision != "fp32":
-        assert f"shipped {precision}" in graphs
+        assert f"{precision} weights, exact compute" in gated
+        assert f"shipped {precision}" in {p["graph"] for p in report["parity"] if not p["gated"]}
+    quality = report["quality"]
+    assert quality["passed"] and quality["ratio"] == pytest.approx(
+        quality["shipped_perplexity"] / quality["reference_perplexity"], rel=1e-3)
+    assert not {"exact-int4.onnx", "all-positions.onnx", "reference-fp32.onnx.data"} & names
     assert "XnnpackExecutionProvider" in report["providers_not_available"]
     assert report["measurement"]["peak_memory_bytes"] > 0
 
@@ -65,12 +71,12 @@ def test_data_aware_method_with_sensitivity_allocation(tmp_path, tiny_model_dir,
 
 @pytest.mark.parametrize("arch", ["llama"], indirect=True)
 def test_collected_statistics_are_cached_per_model_and_data(tmp_path, tiny_model_dir, monkeypatch):
-    from exporter import pipeline
+    from exporter import collect
 
     monkeypatch.setenv("EDGESLIM_CACHE", str(tmp_path / "cache"))
     calls = []
-    original = pipeline.activation_stats
-    monkeypatch.setattr(pipeline, "activation_stats", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = collect.activation_stats
+    monkeypatch.setattr(collect, "activation_stats", lambda *a, **k: calls.append(1) or original(*a, **k))
     profile = write_profile(tmp_path / "p.yaml")
     config = dict(device=str(profile), model=str(tiny_model_dir), parity_prompts=1, method="svdllm",
                   calibration_samples=2, calibration_seq_len=32)
@@ -103,7 +109,35 @@ def test_export_with_evaluation_renders_a_report(tmp_path, tiny_model_dir):
     report = json.loads((out / "report.json").read_text())
     assert report["evaluations"][0]["task"] == "mbpp" and len(report["spectra"]) == 3
     page = render_in_browser(out / "report.html", tmp_path)
-    for section in ("summary", "budgets", "ranks", "spectra", "parity", "evaluation-0"):
+    for section in ("summary", "quality", "budgets", "ranks", "spectra", "parity", "evaluation-0"):
         assert f'id="{section}"' in page, section
     figures = page.count("<img")
-    assert figures == 4 and f'data-rendered-figures="{figures}"' in page  # budgets, ranks, spectra, evaluation
+    assert figures == 5 and f'data-rendered-figures="{figures}"' in page  # quality, budgets, ranks, spectra, eval
+
+
+@pytest.mark.parametrize("arch", ["llama"], indirect=True)
+def test_dense_ships_when_dense_fits(tmp_path, tiny_model_dir):
+    profile = write_profile(tmp_path / "p.yaml", latency={"decode_ms_per_token": 1000, "prefill_ms": 60000,
+                                                          "prefill_tokens": 16})
+    result = run(RunConfig(device=str(profile), model=str(tiny_model_dir), out=str(tmp_path / "out"),
+                           parity_prompts=1))
+    assert result.passed, result.failures
+    assert result.plan.allocation == "dense" and not result.plan.factorized and not result.layers
+    assert result.quality.ratio < 1.05  # GPTQ on the dense model: about as good as rounding to nearest, or better
+
+
+def test_over_compressed_model_fails_the_quality_gate(tmp_path, trained_model_dir):
+    from click.testing import CliRunner
+
+    from exporter.cli import main
+
+    profile = write_profile(tmp_path / "p.yaml", quality={"max_ppl_ratio": 1.02},  # ranks of 8-16 in 128 dimensions
+                            latency={"decode_ms_per_token": 1000, "prefill_ms": 3500, "prefill_tokens": 16})
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["export", "--device", str(profile), "--model", str(trained_model_dir),
+                                       "--out", str(out), "--rank-multiple", "8", "--calibration-samples", "4"])
+    assert result.exit_code == 1, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("edgeslim: error: quality: held-out code perplexity") and "(limit 1.02x)" in line
+    assert "the dense int4 model needs" in line  # what would meet it
+    assert not out.exists() and (tmp_path / "out.failed" / "report.json").is_file()
