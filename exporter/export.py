@@ -139,7 +139,8 @@ def export_model(
     activations: str = "int8",
     kv_cache: str = "fp32",
 ) -> OnnxArtifact:
-    """Write the shipped graph, the graphs validation needs, tokenizer files and genai_config.json into `folder`.
+    """Write the shipped graph, the graphs validation needs, tokenizer files, the model's config.json and
+    genai_config.json into `folder`.
     `quantized` (exporter.quantize) holds the int4 weights when the precision is int4; `activations` is what its
     matmuls compute with (the plan's choice); `kv_cache` the cache's precision (the profile's)."""
     shipped_path = folder / MODEL_FILE
@@ -154,6 +155,7 @@ def export_model(
         save(build_decoder(model, spec, GraphOptions(context_length), quantized), exact_path)
     save_variant(all_positions(shipped), folder / ALL_POSITIONS_FILE)
     tokenizer.save_pretrained(folder)
+    model.config.to_json_file(folder / "config.json")  # optimum's ORTModelForCausalLM reads the folder's config
     write_genai_config(spec, model, folder, context_length)
     return OnnxArtifact(
         folder=str(folder),
