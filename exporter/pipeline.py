@@ -186,9 +186,11 @@ def _build(loaded, spec, profile, rank_plan, method, stats, data, prompts, threa
     """select -> factorize -> quantize -> export -> validate parity -> measure, on a copy of the dense model."""
     model = copy.deepcopy(loaded.model)  # loaded.model stays dense: the reference what ships is judged by
     spectra = _spectra(model, rank_plan, method, stats)
-    stage = progress.add_task(f"selecting bases ({method.name})", total=len(rank_plan.factorized))
     with _single_thread():  # SVD on 2 threads of a busy machine can be 40x slower than on one
-        layers = factorize_(model, rank_plan, method, stats, on_layer=lambda _: progress.advance(stage))
+        layers = ()
+        if rank_plan.factorized:
+            stage = progress.add_task(f"selecting bases ({method.name})", total=len(rank_plan.factorized))
+            layers = factorize_(model, rank_plan, method, stats, on_layer=lambda _: progress.advance(stage))
         quantized = None
         if profile.precision == "int4":
             stage = progress.add_task("rounding to int4 (GPTQ)", total=None)

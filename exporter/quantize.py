@@ -17,6 +17,7 @@ parity is checked against are both built from the same `Int4Matrix`.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +65,9 @@ class Int4Matrix:
         if self.blocks % 2:
             zero = np.concatenate([zero, np.zeros((self.n, 1), dtype=np.uint8)], axis=1)
         return (zero[:, 0::2] | (zero[:, 1::2] << 4)).astype(np.uint8)
+
+    def rows(self, start: int, end: int) -> Int4Matrix:
+        return Int4Matrix(self.q[start:end], self.scale[start:end], self.zero[start:end], self.k)
 
     def nbytes(self) -> int:
         return self.n * (self.blocks * (QUANT_BLOCK // 2 + 4) + (self.blocks + 1) // 2)
@@ -113,13 +117,14 @@ def gptq(weight: torch.Tensor, gram: torch.Tensor) -> Int4Matrix:
     Cholesky factor, is subtracted from the channels after it. A block's grid is fixed from the (already
     compensated) weights when rounding reaches it, as GPTQ with groups does."""
     rows, cols = weight.shape
-    w = weight.double().clone()
+    w = weight.float().clone()
     hessian = gram.double().clone()
     dead = hessian.diagonal() == 0  # inputs that are always zero: their weights do not matter
     hessian[dead, dead] = 1
     w[:, dead] = 0
     hessian += GPTQ_DAMPING * float(hessian.diagonal().mean()) * torch.eye(cols, dtype=hessian.dtype)
-    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+    # the inverse in float64 (one factorisation); the column loop in float32, as the weights are
+    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True).float()
     blocks = -(-cols // QUANT_BLOCK)
     q = torch.zeros(rows, blocks * QUANT_BLOCK)
     scales, zeros = torch.zeros(rows, blocks), torch.zeros(rows, blocks)
@@ -127,12 +132,12 @@ def gptq(weight: torch.Tensor, gram: torch.Tensor) -> Int4Matrix:
         start, end = b * QUANT_BLOCK, min((b + 1) * QUANT_BLOCK, cols)
         scale, zero = _grid(_padded_blocks(w[:, start:end].float())[:, 0])
         scales[:, b], zeros[:, b] = scale, zero
-        safe = torch.where(scale == 0, torch.ones_like(scale), scale).double()
-        chunk, errors = w[:, start:end].clone(), torch.zeros(rows, end - start, dtype=torch.float64)
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        chunk, errors = w[:, start:end].clone(), torch.zeros(rows, end - start)
         local = inverse[start:end, start:end]
         for i in range(end - start):
             level = torch.round(chunk[:, i] / safe + zero).clamp(0, LEVELS)
-            error = (chunk[:, i] - (level - zero) * scale.double()) / local[i, i]
+            error = (chunk[:, i] - (level - zero) * scale) / local[i, i]
             chunk[:, i:] -= error[:, None] * local[i, i:][None]
             errors[:, i], q[:, start + i] = error, level
         w[:, end:] -= errors @ inverse[start:end, end:]
@@ -152,13 +157,22 @@ def quantize_model(model: nn.Module, stats: dict | None = None) -> dict[str, Int
     A x, which follows from the layer's own (Â G Âᵀ). So the factors' errors do not compound."""
     quantized: dict[str, Int4Matrix] = {}
     inside_low_rank = set()
+    reading: dict[int, list[str]] = {}  # dense layers by the Gram matrix of their inputs (q/k/v share one)
     for name, module in model.named_modules():
         if isinstance(module, LowRankLinear):
             inside_low_rank |= {f"{name}.first", f"{name}.second"}
             quantized.update(_quantize_low_rank(name, module, None if stats is None else stats[name]["gram"]))
         elif isinstance(module, nn.Linear) and name not in inside_low_rank:
-            weight = module.weight.detach()
-            quantized[name] = round_to_nearest(weight) if stats is None else gptq(weight, stats[name]["gram"])
+            if stats is None:
+                quantized[name] = round_to_nearest(module.weight.detach())
+            else:
+                reading.setdefault(id(stats[name]["gram"]), []).append(name)
+    for names in reading.values():  # rows are rounded independently: layers reading one input share one pass
+        weights = [model.get_submodule(name).weight.detach() for name in names]
+        stacked = gptq(torch.cat(weights), stats[names[0]]["gram"])
+        offsets = [0, *itertools.accumulate(w.shape[0] for w in weights)]
+        quantized.update({name: stacked.rows(start, end) for name, start, end in zip(names, offsets[:-1], offsets[1:],
+                                                                                     strict=True)})
     embedding = model.get_input_embeddings()
     if embedding.weight is not model.get_output_embeddings().weight:
         path = next(name for name, module in model.named_modules() if module is embedding)

@@ -5,7 +5,9 @@ For each model: bytes on disk, graph nodes, held-out target-task perplexity (the
 held-out split, windows of 512 or the graph's context if shorter), prefill of a 256-token prompt and decode ms/token
 at 1 and 2 threads (median of interleaved rounds), and peak resident memory of a fresh process running a prefill and
 a decode step with the KV cache full (one shared past/present buffer per layer, as onnxruntime-genai runs both
-graphs) at the context the graph was built for (the builder's: --peer-context). The peer comes from
+graphs) at the context and prompt length of the profile the graph was built for (the builder's: --peer-context and
+256 tokens).
+The peer comes from
 
     python -m onnxruntime_genai.models.builder -i <the default model as a Hugging Face folder> -p int4 -e cpu
 
@@ -92,9 +94,9 @@ def speed(model_file: str, threads: int, context: int, head_dim: int) -> tuple[f
     return prefill, statistics.median(steps)
 
 
-def peak_memory(model_file: str, threads: int, context: int, head_dim: int) -> float:
+def peak_memory(model_file: str, threads: int, context: int, prompt: int, head_dim: int) -> float:
     done = subprocess.run([sys.executable, "-m", "exporter.measure", model_file, "--threads", str(threads),
-                           "--prefill-tokens", str(PROMPT), "--context", str(context), "--head-dim", str(head_dim)],
+                           "--prefill-tokens", str(prompt), "--context", str(context), "--head-dim", str(head_dim)],
                           capture_output=True, text=True, check=True)
     return json.loads(done.stdout)["peak_memory_bytes"] / MIB
 
@@ -123,7 +125,7 @@ def main() -> None:
     peer = work / "peer-int4"
     seconds = build_peer(args.peer_python, hf_folder, peer)
     rows.append(dict(name="onnxruntime-genai builder, dense int4", file=peer / "model.onnx", all=peer / "model.onnx",
-                     context=args.peer_context, seconds=seconds, kv="fp32", plan="dense", passed=""))
+                     context=args.peer_context, prompt=PROMPT, seconds=seconds, kv="fp32", plan="dense", passed=""))
     for name in args.profiles.split(","):
         profile = load_profile(ROOT / "device_profiles" / f"{name}.yaml")
         seconds, report = export(ROOT / "device_profiles" / f"{name}.yaml", args.task, work / name)
@@ -133,7 +135,8 @@ def main() -> None:
         plan = report["plan"]
         summary = "dense" if plan["allocation"] == "dense" else f"{plan['keep_ratio']:.0%} of projections kept"
         rows.append(dict(name=f"edgeslim, {name} ({profile.precision}, {plan['activations']} activations)",
-                         file=folder / "model.onnx", all=twin, context=profile.context_length, seconds=seconds,
+                         file=folder / "model.onnx", all=twin, context=profile.context_length,
+                         prompt=profile.prefill_tokens, seconds=seconds,
                          kv=profile.kv_cache_precision, plan=summary,
                          passed="yes" if report["exit_code"] == 0 else f"no: {report['failures'][0][:60]}"))
 
@@ -141,7 +144,7 @@ def main() -> None:
         row["bytes"] = artifact_bytes(Path(row["file"])) / 1e6
         row["nodes"] = len(onnx.load(row["file"], load_external_data=False).graph.node)
         row["ppl"] = perplexity(str(row["all"]), ids, min(512, row["context"]), head_dim)
-        row["peak"] = peak_memory(str(row["file"]), 2, row["context"], head_dim)
+        row["peak"] = peak_memory(str(row["file"]), 2, row["context"], row["prompt"], head_dim)
         print(f"measured {row['name']}", flush=True)
     for threads in (1, 2):
         timings = {row["name"]: [] for row in rows}
@@ -163,7 +166,8 @@ def write(rows: list[dict], args, tokens: int) -> None:
     import matplotlib.pyplot as plt
 
     peer = rows[0]
-    header = ["model", "plan", "MB on disk", "nodes", f"held-out {args.task} ppl", "ppl / peer's", "peak MiB (context)",
+    header = ["model", "plan", "MB on disk", "nodes", f"held-out {args.task} ppl", "ppl / peer's",
+              "peak MiB (context, prompt)",
               "prefill ms 1 / 2 threads", "decode ms/token 1 / 2 threads", "built in s", "export passed"]
 
     def ms(row, kind):
@@ -174,7 +178,7 @@ def write(rows: list[dict], args, tokens: int) -> None:
     for row in rows:
         lines.append("| " + " | ".join([
             row["name"], row["plan"], f"{row['bytes']:.1f}", str(row["nodes"]), f"{row['ppl']:.2f}",
-            f"{row['ppl'] / peer['ppl']:.3f}", f"{row['peak']:.0f} ({row['context']}, {row['kv']} KV)",
+            f"{row['ppl'] / peer['ppl']:.3f}", f"{row['peak']:.0f} ({row['context']}, {row['prompt']}, {row['kv']} KV)",
             ms(row, "prefill"), ms(row, "decode"), f"{row['seconds']:.0f}", row["passed"]]) + " |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"bench_vs_peers_{args.task}.md").write_text("\n".join(lines) + "\n")
