@@ -125,6 +125,7 @@ class RankPlan:
     allocation: str = "uniform"  # "dense" (it fits), "sensitivity" (least estimated loss) or "uniform" (one ratio)
     estimated_loss_increase: float | None = None  # nats per token, summed over layers (exporter.sensitivity)
     activations: str = "int8"  # what int4 matmuls compute with: "int8" (faster) or "fp32" (less resident memory)
+    vocabulary: int | None = None  # vocabulary rows kept (the rest share one row); None: all
 
     @property
     def factorized(self) -> tuple[LayerPlan, ...]:

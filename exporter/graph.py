@@ -32,6 +32,7 @@ from exporter.contracts import ModelSpec
 from exporter.errors import UsageError
 from exporter.factorize import LowRankLinear
 from exporter.quantize import QUANT_BLOCK, Int4Matrix
+from exporter.vocabulary import PrunedEmbedding, PrunedHead
 
 OPSET = 21
 IR_VERSION = 10  # what onnxruntime 1.32 and the mobile runtimes read
@@ -129,8 +130,8 @@ class _Weights:
 
     def _linear(self, x: str, members: list[tuple[str, nn.Linear]], bias: torch.Tensor | None, name: str,
                 level: int | None = None) -> str:
-        d_in = members[0][1].in_features
-        n = sum(lin.out_features for _, lin in members)
+        d_in = members[0][1].weight.shape[1]
+        n = sum(lin.weight.shape[0] for _, lin in members)
         key = "+".join(path for path, _ in members)
         bias_name = None if bias is None else self.b.weight(f"{key}.bias", bias.float().numpy())
         if self.quantized is None:
@@ -272,7 +273,8 @@ POSITION_NODES = 5  # learned positions: this call's positions from the mask and
 SILU_NODES = 2  # Sigmoid, Mul (a GELU is one node)
 
 
-def node_count(spec: ModelSpec, ranks: dict[str, int | None], precision: str, kv_cache: str = "fp32") -> int:
+def node_count(spec: ModelSpec, ranks: dict[str, int | None], precision: str, kv_cache: str = "fp32",
+               pruned_vocabulary: bool = False) -> int:
     """Nodes of the graph `build_decoder` makes for these per-projection ranks (None: dense), counted from its
     structure so the planner can price dispatch without building anything (tests check it against real graphs
     of every family). A factorized projection adds its second matmul; factorizing q, k or v (as separate
@@ -286,6 +288,7 @@ def node_count(spec: ModelSpec, ranks: dict[str, int | None], precision: str, kv
     nodes = MASK_NODES + 1 + int(arch.scaled_embedding) + (POSITION_NODES if arch.positions else 0)
     nodes += num_layers * block + 1 + 1 + (1 if precision != "fp32" else 5)  # final norm, slice, lm_head
     nodes += 3 if spec.logit_softcap else 0
+    nodes += 3 if pruned_vocabulary else 0  # token -> row; the bias and the gather back to token ids
     factorized = [name for name, rank in ranks.items() if rank is not None]
     nodes += len(factorized)
     qkv_names = {name.rsplit(".", 1)[-1] for name in arch.qkv}
@@ -336,17 +339,19 @@ def _embedding(b: _Builder, model: nn.Module, arch: ArchSpec, quantized: dict[st
     table = model.get_input_embeddings()
     tied = table.weight is model.get_output_embeddings().weight
     path = "lm_head" if tied else next(name for name, module in model.named_modules() if module is table)
+    ids = "input_ids"
+    if isinstance(table, PrunedEmbedding):  # token id -> kept row (or the bucket row)
+        ids = b.add("Gather", [_vocabulary_index(b, table), "input_ids"], "vocabulary/rows")[0]
     if quantized is None:
         name = "lm_head.table" if tied else f"{path}.table"  # (vocab, hidden), shared with the lm_head's Gemm
-        hidden = b.add("Gather", [b.weight(name, table.weight.detach().float().numpy()), "input_ids"],
-                       "embedding")[0]
+        hidden = b.add("Gather", [b.weight(name, table.weight.detach().float().numpy()), ids], "embedding")[0]
     else:
         matrix = quantized[path]
         _, scales, zeros = _Weights(model, b, quantized)._int4_inputs(path, [matrix])
         # the same bytes as the matmul's (N, blocks, 16) table, as the (N, K/2) rows the gather reads: stored once
         # in the data file (exporter.export.save), read in place by both, so no copy is made at load time either
         rows = b.weight(f"{path}.rows", matrix.packed_weights().reshape(matrix.n, -1))
-        hidden = b.add("GatherBlockQuantized", [rows, "input_ids", scales, zeros], "embedding", domain=MS, bits=4,
+        hidden = b.add("GatherBlockQuantized", [rows, ids, scales, zeros], "embedding", domain=MS, bits=4,
                        block_size=QUANT_BLOCK, gather_axis=0, quantize_axis=1)[0]
     if arch.scaled_embedding:
         scale = b.weight("embedding.scale", np.array(model.config.hidden_size**0.5, dtype=np.float32))
@@ -366,25 +371,37 @@ def _lm_head(b: _Builder, weights: _Weights, model: nn.Module, quantized, hidden
     head = model.get_output_embeddings()
     tied = head.weight is model.get_input_embeddings().weight
     cap = getattr(model.config, "final_logit_softcapping", None)
-    output = "lm_head/logits" if cap else "logits"
+    pruned = isinstance(head, PrunedHead)
+    output = "lm_head/logits" if cap or pruned else "logits"
     if quantized is not None and tied:  # the embedding already added the lm_head's int4 table under this key
         matrix = quantized["lm_head"]
         b.add("MatMulNBits", [hidden, "lm_head.qweight", "lm_head.scales", "lm_head.zero_points"], "lm_head",
               [output], domain=MS, K=matrix.k, N=matrix.n, bits=4, block_size=QUANT_BLOCK, accuracy_level=level)
-    elif quantized is not None:
-        weights.matmul(hidden, ["lm_head"], "lm_head", level=level)
+    elif quantized is not None:  # (a pruned head's bias is added below, with the bucket's)
+        weights._linear(hidden, [("lm_head", head)], None if pruned else head.bias, "lm_head", level)
         b.nodes[-1].output[0] = output
     else:  # fp32: Gemm reads the (vocab, hidden) table transposed, so a tied table is stored once
         table = "lm_head.table" if tied else b.weight("lm_head.table", head.weight.detach().float().numpy())
         shape = b.add("Shape", [hidden], "lm_head/shape", end=2)[0]
         flat = b.add("Reshape", [hidden, b.constant([-1, head.in_features])], "lm_head/flatten")[0]
         logits = b.add("Gemm", [flat, table], "lm_head/gemm", transB=1)[0]
-        out_shape = b.add("Concat", [shape, b.constant([head.out_features])], "lm_head/out_shape", axis=0)[0]
+        out_shape = b.add("Concat", [shape, b.constant([head.weight.shape[0]])], "lm_head/out_shape", axis=0)[0]
         b.add("Reshape", [logits, out_shape], "lm_head", [output])
+    if pruned:  # kept rows and the bucket's, then every token id's logit from its row's
+        biased = b.add("Add", [output, b.weight("lm_head.bias", head.bias.float().numpy())], "vocabulary/bias")[0]
+        output = "lm_head/vocabulary" if cap else "logits"
+        b.add("Gather", [biased, _vocabulary_index(b, head)], "vocabulary/logits", [output], axis=-1)
     if cap:
         cap_value = b.weight("lm_head.softcap", np.array(cap, dtype=np.float32))
         squashed = b.add("Tanh", [b.add("Div", [output, cap_value], "softcap/div")[0]], "softcap/tanh")[0]
         b.add("Mul", [squashed, cap_value], "softcap", ["logits"])
+
+
+def _vocabulary_index(b: _Builder, module: nn.Module) -> str:
+    """token id -> row of the kept vocabulary, int32 (one table for the embedding and the lm_head)."""
+    if "vocabulary.index" not in {init.name for init in b.initializers}:
+        b.weight("vocabulary.index", module.index.numpy().astype(np.int32))
+    return "vocabulary.index"
 
 
 def _norm(b: _Builder, arch: ArchSpec, residual: str, delta: str | None, norm: nn.Module, name: str,

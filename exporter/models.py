@@ -230,8 +230,8 @@ def describe(model: PreTrainedModel) -> ModelSpec:
         for name, module in projections(model, arch)
     )
     embedding = model.get_input_embeddings().weight
-    tied = model.get_output_embeddings().weight.data_ptr() == embedding.data_ptr()
-    all_params = {p.data_ptr(): p.numel() for p in model.parameters()}  # tied weights counted once
+    tied = model.get_output_embeddings().weight is embedding
+    all_params = sum(p.numel() for p in model.parameters())  # tied weights are one parameter, counted once
     compressible = sum(layer.params for layer in layers)
     embedding_params = embedding.numel() + sum(
         m.weight.numel() for n, m in model.named_modules() if n.endswith("wpe")  # GPT-2 learned positions
@@ -251,7 +251,7 @@ def describe(model: PreTrainedModel) -> ModelSpec:
         layers=layers,
         embedding_params=embedding_params,
         lm_head_params=lm_head_params,
-        other_params=sum(all_params.values()) - compressible - embedding_params - (0 if tied else lm_head_params),
+        other_params=all_params - compressible - embedding_params - (0 if tied else lm_head_params),
         activation=activation_kind(model, arch),
         logit_softcap=bool(getattr(config, "final_logit_softcapping", None)),
     )

@@ -54,6 +54,7 @@ from exporter.select import SelectionMethod, get_method
 from exporter.sensitivity import layer_costs, output_fisher
 from exporter.tasks import DEFAULT_TASK, Task, data_dir, get_task, sample
 from exporter.validate import CPU, GREEDY_STEPS, host_figures, measure_session, validate_parity
+from exporter.vocabulary import prune_vocabulary_, token_ranking, vocabulary_costs
 
 MAX_PROMPT_TOKENS = 64
 MEMORY_ATTEMPTS = 2  # a plan whose measured memory misses the budget is made again, once, below the miss
@@ -191,6 +192,8 @@ def _build(loaded, spec, profile, rank_plan, method, stats, data, prompts, threa
         if rank_plan.factorized:
             stage = progress.add_task(f"selecting bases ({method.name})", total=len(rank_plan.factorized))
             layers = factorize_(model, rank_plan, method, stats, on_layer=lambda _: progress.advance(stage))
+        if rank_plan.vocabulary:
+            prune_vocabulary_(model, data.vocabulary_ranking[:rank_plan.vocabulary])
         quantized = None
         if profile.precision == "int4":
             stage = progress.add_task("rounding to int4 (GPTQ)", total=None)
@@ -292,6 +295,28 @@ class TaskData:
         return cached_activation_stats(self.loaded.model, self.loaded.fingerprint, calibration, names,
                                        self.method.cache, lambda: self.progress.advance(stage))
 
+    @cached_property
+    def vocabulary_ranking(self) -> list[int]:
+        """Token ids in the order the vocabulary's rows are kept (counted on the even-indexed calibration texts)."""
+        texts = self.task.calibration(data_dir(self.config.data_dir))[::2]
+        return token_ranking(self.loaded.tokenizer, texts, self.spec.vocab_size)
+
+    def vocabulary_costs(self) -> dict[int, float]:
+        """The measured loss increase of keeping fewer vocabulary rows (exporter.vocabulary), cached."""
+        texts = self.task.calibration(data_dir(self.config.data_dir))
+        stage = self.progress.add_task("measuring what fewer vocabulary rows cost", total=None)
+        key = tensor_key("vocabulary", self.loaded.fingerprint, self.calibration.fingerprint,
+                         repr(self.vocabulary_ranking[:64]))
+
+        def measure() -> dict[str, torch.Tensor]:
+            measured = vocabulary_costs(self.loaded.model, self.loaded.tokenizer, texts, self.config.seed,
+                                        self.vocabulary_ranking)
+            return {str(count): torch.tensor(cost) for count, cost in measured.items()}
+
+        costs = self.method.cache.get_or_compute(key, measure)
+        self.progress.update(stage, total=1, completed=1)
+        return {int(count): float(cost) for count, cost in costs.items()}
+
     def fisher(self) -> dict[str, torch.Tensor]:
         """Mean squared gradients of the per-token loss at every projection's outputs (exporter.sensitivity)."""
         names = [layer.name for layer in self.spec.layers]
@@ -331,7 +356,7 @@ def _plan(config, loaded, spec, profile, data: TaskData, method, progress) -> Ra
                                             planner.rank_options(layer.d_in, layer.d_out, multiple),
                                             profile.precision, layer.name, method.cache)
             progress.advance(stage)
-    return planner.allocate(spec, profile, costs, config.rank_multiple)
+    return planner.allocate(spec, profile, costs, config.rank_multiple, data.vocabulary_costs())
 
 
 def _method_stats(config, loaded, rank_plan, data: TaskData, method, progress) -> dict:

@@ -19,7 +19,9 @@ Allocation, when the dense model does not fit:
 - `allocate` (default): a knapsack over per-layer options (dense, or rank r on the block grid below break-even),
   priced by the estimated loss increase of each option at the shipped precision (exporter.sensitivity). Starting
   dense, the move that costs the least estimated loss per byte saved, over every layer and every lower option,
-  is taken until the budget is met; dense stays a first-class option for every layer.
+  is taken until the budget is met; dense stays a first-class option for every layer. It runs once per choice of
+  vocabulary rows (all, or the rows the task uses, exporter.vocabulary, at their measured cost) and per compute
+  mode; the least total loss wins.
 - `make_plan` with no estimates (`--allocation uniform`, and the published baselines): one keep ratio `a` for
   every projection (rank = a x break-even rank), the largest that fits.
 """
@@ -76,15 +78,18 @@ def layer_bytes(layer: LayerPlan, precision: str) -> int:
 
 def predict(spec: ModelSpec, layers: Sequence[LayerPlan], *, precision: str, context_length: int,
             prefill_tokens: int, bandwidth_gbps: float, compute_gflops: float, op_overhead_us: float,
-            activations: str = "int8", kv_cache: str = "fp32") -> Prediction:
+            activations: str = "int8", kv_cache: str = "fp32", vocabulary: int | None = None) -> Prediction:
     """Bytes and milliseconds of the graph exporter.graph builds for this plan. `activations`: what int4 matmuls
-    compute with, "int8" (MatMulNBits accuracy level 4: faster, more resident memory) or "fp32" (level 0)."""
-    table_bytes = matrix_bytes(spec.vocab_size, spec.hidden_size, precision)
+    compute with (a graph.COMPUTE_MODES key); `vocabulary`: rows of the vocabulary table kept (None: all)."""
+    rows = spec.vocab_size if vocabulary is None else vocabulary + 1  # kept rows and the bucket row
+    table_bytes = matrix_bytes(rows, spec.hidden_size, precision)
     heads_bytes = table_bytes * (1 if spec.tied_embeddings else 2)  # embedding and lm_head: one table when tied
     positions_bytes = 4 * (spec.embedding_params - spec.vocab_size * spec.hidden_size)  # learned positions, fp32
     rotary_bytes = 4 * context_length * spec.head_dim  # cos and sin tables, head_dim / 2 each
     projection_bytes = sum(layer_bytes(layer, precision) for layer in layers)
-    weights_bytes = projection_bytes + heads_bytes + positions_bytes + rotary_bytes + 4 * spec.other_params
+    index_bytes = 0 if vocabulary is None else 4 * spec.vocab_size  # token id -> row
+    weights_bytes = (projection_bytes + heads_bytes + positions_bytes + rotary_bytes + index_bytes
+                     + 4 * spec.other_params)
     blocks_compute, head_compute = _compute(precision, activations)
     kv_per_token = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * (2 if kv_cache == "fp16" else 4)
     kv_cache_bytes = kv_per_token * context_length  # past and present share one buffer
@@ -96,9 +101,9 @@ def predict(spec: ModelSpec, layers: Sequence[LayerPlan], *, precision: str, con
     bandwidth, compute = bandwidth_gbps * 1e9, compute_gflops * 1e9
     attn_dims = spec.num_layers * spec.num_attention_heads * spec.head_dim
     projection_params = sum(layer.params for layer in layers)
-    head_params = spec.vocab_size * spec.hidden_size
+    head_params = rows * spec.hidden_size
     ranks = {layer.name: layer.rank for layer in layers}
-    dispatch = 1e-6 * op_overhead_us * node_count(spec, ranks, precision, kv_cache)
+    dispatch = 1e-6 * op_overhead_us * node_count(spec, ranks, precision, kv_cache, vocabulary is not None)
     decode_bytes = projection_bytes + table_bytes + kv_per_token * t
     decode_seconds = ((2 * projection_params + 4 * attn_dims * t) / (compute * _speed(blocks_compute, "decode"))
                       + 2 * head_params / (compute * _speed(head_compute, "decode")))
@@ -131,7 +136,7 @@ def _speed(compute: str, phase: str) -> float:
 
 
 def predict_for_device(spec: ModelSpec, layers: Sequence[LayerPlan], profile: DeviceProfile,
-                       activations: str = "int8") -> Prediction:
+                       activations: str = "int8", vocabulary: int | None = None) -> Prediction:
     return predict(
         spec,
         layers,
@@ -143,6 +148,7 @@ def predict_for_device(spec: ModelSpec, layers: Sequence[LayerPlan], profile: De
         op_overhead_us=profile.op_overhead_us,
         activations=activations,
         kv_cache=profile.kv_cache_precision,
+        vocabulary=vocabulary,
     )
 
 
@@ -150,7 +156,7 @@ def predict_for_host(spec: ModelSpec, plan: RankPlan, profile: DeviceProfile, ho
     """The same plan on this machine (its measured figures), to check the cost model against measurements."""
     here = replace(profile, memory_bandwidth_gbps=host["memory_bandwidth_gbps"],
                    compute_gflops=host["compute_gflops"], op_overhead_us=host["op_overhead_us"])
-    return predict_for_device(spec, plan.layers, here, plan.activations)
+    return predict_for_device(spec, plan.layers, here, plan.activations, plan.vocabulary)
 
 
 def activation_modes(profile: DeviceProfile) -> tuple[str, ...]:
@@ -211,25 +217,29 @@ def _uniform(spec, profile, multiple, mode) -> RankPlan | None:
 
 
 def allocate(spec: ModelSpec, profile: DeviceProfile, costs: dict[str, dict[int, float]],
-             rank_multiple: int | None = None) -> RankPlan:
+             rank_multiple: int | None = None, vocabulary_costs: dict[int, float] | None = None) -> RankPlan:
     """The plan that meets every budget at the least estimated loss: the dense model when it fits, else a greedy
-    knapsack over each layer's options, in whichever activation mode loses least. `costs[layer][rank]` is the
-    estimated loss increase per token of that layer at that rank (and the shipped precision) against the layer
-    dense at the same precision."""
+    knapsack over each layer's options, for each choice of vocabulary rows (`vocabulary_costs[rows]`: the measured
+    loss increase of keeping that many, exporter.vocabulary) and each activation mode; the least total loss wins.
+    `costs[layer][rank]` is the estimated loss increase per token of that layer at that rank (and the shipped
+    precision) against the layer dense at the same precision."""
     multiple = rank_multiple or default_rank_multiple(profile.precision)
     _check_limits(spec, profile, multiple)
     dense = dense_layers(spec)
     for mode in activation_modes(profile):
         if not _violations(predict_for_device(spec, dense, profile, mode), profile):
             return _plan(spec, profile, dense, multiple, mode, "dense", 0.0)
-    plans = [_knapsack(spec, profile, costs, multiple, mode) for mode in activation_modes(profile)]
+    vocabularies = [(None, 0.0), *sorted((vocabulary_costs or {}).items(), reverse=True)]
+    plans = [_knapsack(spec, profile, costs, multiple, mode, rows, cost)
+             for rows, cost in vocabularies for mode in activation_modes(profile)]
     fitting = [plan for plan in plans if plan is not None]
     if not fitting:
-        _raise_if_impossible(spec, profile, layers_at(spec, 0.0, multiple), multiple, activation_modes(profile)[-1])
+        _raise_if_impossible(spec, profile, layers_at(spec, 0.0, multiple), multiple, activation_modes(profile)[-1],
+                             vocabularies[-1][0])
     return min(fitting, key=lambda plan: plan.estimated_loss_increase)
 
 
-def _knapsack(spec, profile, costs, multiple, mode) -> RankPlan | None:
+def _knapsack(spec, profile, costs, multiple, mode, vocabulary, vocabulary_cost) -> RankPlan | None:
     layers = list(dense_layers(spec))
     options = []  # per layer: (rank, estimated cost), dense first, then fewer and fewer bytes
     for layer in spec.layers:
@@ -238,7 +248,7 @@ def _knapsack(spec, profile, costs, multiple, mode) -> RankPlan | None:
     position = [0] * len(layers)
     heap = [move for index in range(len(layers)) if (move := _best_move(layers, options, position, index, profile))]
     heapq.heapify(heap)
-    while _violations(predict_for_device(spec, layers, profile, mode), profile):
+    while _violations(predict_for_device(spec, layers, profile, mode, vocabulary), profile):
         if not heap:
             return None
         _, index, target = heapq.heappop(heap)
@@ -246,8 +256,8 @@ def _knapsack(spec, profile, costs, multiple, mode) -> RankPlan | None:
         layers[index] = replace(layers[index], rank=options[index][target][0])
         if move := _best_move(layers, options, position, index, profile):
             heapq.heappush(heap, move)
-    loss = sum(options[i][position[i]][1] for i in range(len(layers)))
-    return _plan(spec, profile, tuple(layers), multiple, mode, "sensitivity", loss)
+    loss = vocabulary_cost + sum(options[i][position[i]][1] for i in range(len(layers)))
+    return _plan(spec, profile, tuple(layers), multiple, mode, "sensitivity", loss, vocabulary)
 
 
 def _best_move(layers: list[LayerPlan], options, position: list[int], index: int,
@@ -266,7 +276,7 @@ def _best_move(layers: list[LayerPlan], options, position: list[int], index: int
     return best
 
 
-def _plan(spec, profile, layers, rank_multiple, activations, allocation, loss=None) -> RankPlan:
+def _plan(spec, profile, layers, rank_multiple, activations, allocation, loss=None, vocabulary=None) -> RankPlan:
     kept = sum(layer.params for layer in layers) / sum(layer.params for layer in spec.layers)
     return RankPlan(
         device=profile.name,
@@ -274,11 +284,12 @@ def _plan(spec, profile, layers, rank_multiple, activations, allocation, loss=No
         keep_ratio=round(kept, 6),
         rank_multiple=rank_multiple,
         layers=layers,
-        predicted=predict_for_device(spec, layers, profile, activations),
+        predicted=predict_for_device(spec, layers, profile, activations, vocabulary),
         dense_predicted=predict_for_device(spec, dense_layers(spec), profile, activations),
         allocation=allocation,
         estimated_loss_increase=None if loss is None else round(loss, 6),
         activations=activations,
+        vocabulary=vocabulary,
     )
 
 
@@ -292,8 +303,9 @@ def _check_limits(spec: ModelSpec, profile: DeviceProfile, rank_multiple: int) -
         )
 
 
-def _raise_if_impossible(spec, profile, smallest: tuple[LayerPlan, ...], rank_multiple: int, mode: str) -> None:
-    violations = _violations(predict_for_device(spec, smallest, profile, mode), profile)
+def _raise_if_impossible(spec, profile, smallest: tuple[LayerPlan, ...], rank_multiple: int, mode: str,
+                         vocabulary: int | None = None) -> None:
+    violations = _violations(predict_for_device(spec, smallest, profile, mode, vocabulary), profile)
     if violations:
         raise BudgetError(
             f"{profile.name}: no plan fits: even with every projection at rank {rank_multiple}, "

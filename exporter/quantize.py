@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from exporter.factorize import LowRankLinear
+from exporter.vocabulary import PrunedHead
 
 BITS = {"fp32": 32, "int4": 4}
 QUANT_BLOCK = 32
@@ -162,7 +163,7 @@ def quantize_model(model: nn.Module, stats: dict | None = None) -> dict[str, Int
         if isinstance(module, LowRankLinear):
             inside_low_rank |= {f"{name}.first", f"{name}.second"}
             quantized.update(_quantize_low_rank(name, module, None if stats is None else stats[name]["gram"]))
-        elif isinstance(module, nn.Linear) and name not in inside_low_rank:
+        elif isinstance(module, nn.Linear | PrunedHead) and name not in inside_low_rank:
             if stats is None:
                 quantized[name] = round_to_nearest(module.weight.detach())
             else:

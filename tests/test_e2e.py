@@ -22,6 +22,7 @@ def edgeslim(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 
 def test_tight_watch_plan_must_compress_and_fits():
+    """watch-lite: a budget the dense int4 model misses."""
     profile = load_profile(ROOT / "device_profiles" / "watch-lite.yaml")
     done = edgeslim("plan", "--device", "device_profiles/watch-lite.yaml", "--json")
     assert done.returncode == 0, done.stderr
@@ -29,7 +30,8 @@ def test_tight_watch_plan_must_compress_and_fits():
     assert plan["predicted"]["memory_bytes"] <= profile.memory_budget_bytes
     assert plan["dense_predicted"]["memory_bytes"] > profile.memory_budget_bytes, "the budget must force compression"
     assert plan["allocation"] == "sensitivity" and plan["estimated_loss_increase"] > 0
-    assert any(layer["kind"] == "factorized" for layer in plan["layers"])
+    # the cheapest bytes come first: vocabulary rows the code task never uses (a measured cost), then ranks
+    assert plan["vocabulary"] is not None and plan["vocabulary"] < 49152
     assert all(layer["rank"] % 32 == 0 for layer in plan["layers"] if layer["rank"])  # MatMulNBits' block grid
 
 

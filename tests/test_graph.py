@@ -22,6 +22,7 @@ from exporter.models import describe, normalize_
 from exporter.quantize import apply_, quantize_model
 from exporter.select import get_method
 from exporter.validate import greedy_trace
+from exporter.vocabulary import prune_vocabulary_
 
 FAMILIES = ["llama", "qwen2", "gpt2", "mistral", "phi3", "gemma", "gemma3_text"]
 
@@ -150,3 +151,20 @@ def test_mistral_sliding_window_matches(tmp_path):
     model = AutoModelForCausalLM.from_config(config).eval()
     sess = onnx_session(build_decoder(model, describe(model), GraphOptions(128)), tmp_path)
     assert_same_generation(model, sess, prompt())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text", "gpt2"])
+def test_pruned_vocabulary_matches_pytorch(tmp_path, family):
+    model = normalize_(build_tiny(family))
+    ranks = factorized(model, every=4)
+    spec = describe(model)
+    prune_vocabulary_(model, list(range(2, 200)))  # tokens 0, 1 and 200-319 share the bucket row
+    assert model.get_input_embeddings().weight.shape[0] == 199
+    for precision, quantized in (("fp32", None), ("int4", quantize_model(model))):
+        proto = build_decoder(model, spec, GraphOptions(128), quantized)
+        assert len(proto.graph.node) == node_count(spec, ranks, precision, pruned_vocabulary=True)
+        reference = model if quantized is None else apply_(copy.deepcopy(model), quantized)
+        sess = onnx_session(proto, tmp_path, f"{precision}.onnx")
+        assert_same_generation(reference, sess, prompt())
+    logits = TorchDecoder(model).start(prompt()[0].tolist())
+    assert len(logits) == spec.vocab_size and len(set(logits[200:].tolist())) == 1  # dropped tokens: one logit

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 from conftest import build_tiny
@@ -151,3 +152,31 @@ def test_int4_plans_choose_what_the_matmuls_compute_with():
     budget = (lean.memory_bytes + fast.memory_bytes) / 2 / MIB / (1 - MEMORY_MARGIN)
     plan = make_plan(spec, dataclasses.replace(profile, memory_budget_mib=budget))
     assert plan.allocation == "dense" and plan.activations != "int8"  # less memory, nothing factorized
+
+
+def test_vocabulary_rows_are_bought_where_they_are_cheap():
+    """A model whose vocabulary dominates (Qwen2.5-0.5B's shape: 152k tokens, hidden 896, 24 layers) on the
+    raspberry-pi-5 budget: the plan drops vocabulary rows the task does not use before it cuts deep into layers."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from exporter.profile import load_profile
+    from exporter.vocabulary import candidates
+
+    config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
+    with torch.device("meta"):
+        spec = describe(AutoModelForCausalLM.from_config(config))
+    profile = load_profile(Path(__file__).resolve().parent.parent / "device_profiles" / "raspberry-pi-5.yaml")
+    # costs of the sizes measured on SmolLM2: a layer cut to a few bases costs a few hundredths of a nat; keeping a
+    # quarter of the vocabulary a tenth (exporter.sensitivity, exporter.vocabulary)
+    costs = {layer.name: {r: 0.03 * (1 - r / layer.break_even_rank) for r in rank_options(layer.d_in, layer.d_out, 32)}
+             for layer in spec.layers}
+    vocabulary = {rows: 0.03 * (spec.vocab_size / rows - 1) for rows in candidates(spec.vocab_size)}
+    plan = allocate(spec, profile, costs, vocabulary_costs=vocabulary)
+    assert plan.predicted.memory_bytes <= profile.memory_budget_bytes
+    assert plan.vocabulary is not None, "the 152k-row table is where bytes are cheapest"
+    assert plan.estimated_loss_increase == pytest.approx(
+        vocabulary[plan.vocabulary] + sum(costs[layer.name][layer.rank] for layer in plan.factorized))
+    without = allocate(spec, profile, costs)  # no vocabulary option: the layers pay for everything
+    assert without.keep_ratio < plan.keep_ratio and without.estimated_loss_increase > plan.estimated_loss_increase
