@@ -31,7 +31,6 @@ class ArchSpec:
     qk_norm: bool = False  # Gemma 3: RMSNorm over each head of q and k before the rotary embedding
     positions: str | None = None  # dotted path of learned position embeddings (GPT-2); else rotary
     local_rotary: str | None = None  # Gemma 3: the sliding-window layers' own rotary embedding
-    lm_head: str = "lm_head"
     conv1d: bool = False
 
     @property

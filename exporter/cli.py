@@ -145,8 +145,10 @@ def plan(as_json, **options):
     else:
         estimate = ("" if rank_plan.estimated_loss_increase is None
                     else f", estimated loss +{rank_plan.estimated_loss_increase:.3f} nats/token")
+        vocabulary = ("" if rank_plan.vocabulary is None
+                      else f", {rank_plan.vocabulary:,} vocabulary rows kept (the rest share one)")
         click.echo(f"{loaded.name} on {budget}: keep {rank_plan.keep_ratio:.1%} of projection weights, "
-                   f"{len(rank_plan.factorized)}/{len(rank_plan.layers)} layers factorized "
+                   f"{len(rank_plan.factorized)}/{len(rank_plan.layers)} layers factorized{vocabulary} "
                    f"({rank_plan.allocation}{estimate})")
     click.echo(f"predicted{computes}: weights {p.weights_bytes / MIB:.1f} MiB, memory {p.memory_bytes / MIB:.1f} "
                f"MiB, decode {p.decode_ms_per_token:.1f} ms/token, prefill {p.prefill_ms:.0f} ms")

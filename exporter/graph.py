@@ -12,7 +12,9 @@ stacked with their group's other matrices, so a factorized block has at most one
 projection. At int4 every matmul is a MatMulNBits; the embedding is a GatherBlockQuantized that reads the lm_head's
 int4 table when the two are tied (one table in the file and in memory). The lm_head runs on the last position only
 (generation needs nothing else, and all-position logits cost prompt x vocab floats); `all_positions` gives the same
-graph with every position's logits, for teacher-forced scoring.
+graph with every position's logits, for teacher-forced scoring. A pruned vocabulary (exporter.vocabulary) adds a
+Gather from token ids to kept rows before the embedding and one from kept logits back to every token id after the
+lm_head, so inputs and outputs keep the full vocabulary.
 
 Inputs: input_ids, attention_mask, past_key_values.N.key|value; outputs: logits, present.N.key|value.
 """

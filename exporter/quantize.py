@@ -27,7 +27,6 @@ from torch import nn
 from exporter.factorize import LowRankLinear
 from exporter.vocabulary import PrunedHead
 
-BITS = {"fp32": 32, "int4": 4}
 QUANT_BLOCK = 32
 LEVELS = 15  # 4 bits: q in 0..15
 GPTQ_DAMPING = 0.01  # of the Gram matrix's mean diagonal, added for a stable inverse (the GPTQ paper's default)

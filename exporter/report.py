@@ -148,10 +148,12 @@ def print_summary(result: RunResult, console: Console) -> None:
     else:
         estimate = ("" if plan.estimated_loss_increase is None else
                     f"; estimated loss +{plan.estimated_loss_increase:.3f} nats/token")
+        vocabulary = ("" if plan.vocabulary is None
+                      else f", {plan.vocabulary:,} vocabulary rows kept (the rest share one)")
         console.print(
             f"kept {plan.keep_ratio:.1%} of the decoder projections' weights: {len(plan.factorized)} of "
-            f"{len(plan.layers)} layers factorized ({plan.allocation} allocation{estimate}); {plan.precision}"
-            f"{computes}"
+            f"{len(plan.layers)} layers factorized{vocabulary} ({plan.allocation} allocation{estimate}); "
+            f"{plan.precision}{computes}"
         )
     if result.quality is not None:
         q = result.quality

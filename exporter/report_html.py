@@ -61,7 +61,9 @@ def render(report: dict, evaluations: list[dict]) -> str:
         _checks_table(report["checks"]), "</section>",
         "<section id='ranks'><h2>Per-layer ranks</h2>",
         f"<p>{len([x for x in plan['layers'] if x['rank'] is not None])} of {len(plan['layers'])} projections "
-        f"factorized ({plan['allocation']} allocation); {plan['keep_ratio']:.1%} of their weights kept.</p>",
+        f"factorized ({plan['allocation']} allocation); {plan['keep_ratio']:.1%} of their weights kept"
+        + ("" if plan.get("vocabulary") is None else f"; {plan['vocabulary']:,} vocabulary rows kept, the rest "
+           "sharing one") + ".</p>",
         _figure(_ranks_figure(plan["layers"])), "</section>",
     ]
     if report.get("spectra"):

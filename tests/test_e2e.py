@@ -111,3 +111,15 @@ def test_report_renders_with_its_figures(phone_export, tmp_path):
         assert f'id="{section}"' in page, section
     figures = page.count("<img")  # quality, budgets, ranks, two evaluations (a dense plan has no spectra)
     assert figures == 5 and f'data-rendered-figures="{figures}"' in page
+
+
+def test_tight_watch_export_ships_within_its_quality_limit(tmp_path):
+    """watch-lite: the dense int4 model does not fit; what ships keeps every projection dense and drops the
+    vocabulary rows the code task does not use, and stays within the profile's 1.5x quality limit."""
+    out = tmp_path / "watch"
+    done = edgeslim("export", "--device", "device_profiles/watch-lite.yaml", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["plan"]["vocabulary"] is not None
+    assert report["quality"]["passed"] and report["quality"]["ratio"] <= 1.5
+    assert report["measurement"]["peak_memory_bytes"] <= report["profile"]["memory_budget_mib"] * MIB
