@@ -1,9 +1,8 @@
 """One `edgeslim export` run, top to bottom: profile -> calibrate -> plan -> select -> factorize -> quantize ->
 export -> validate -> quality -> report.
 
-Outputs are atomic: everything is written into a hidden temporary folder beside the destination and moved into
-place only when validation passed. A failed run's files go to `<out>.failed/` for inspection; an interrupted run
-removes its temporary folder; in neither case is an earlier good output touched.
+Outputs are atomic (exporter.output): everything is written into a hidden temporary folder beside the destination
+and moved into place at the end; a failed run's files go to `<out>.failed/`, an interrupted run's are removed.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -45,6 +43,7 @@ from exporter.factorize import factorize_
 from exporter.generate import OnnxDecoder, TorchDecoder
 from exporter.grading import EvalTask, parse_eval_spec
 from exporter.models import LoadedModel, cache_dir, describe, lm_head_name, load_model
+from exporter.output import Staging, check_destination, failed_path
 from exporter.profile import load_profile
 from exporter.quality import heldout_tokens, measure_quality, reference_graph
 from exporter.quantize import apply_, quantize_model
@@ -102,7 +101,7 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
         loaded = load_model(config.model, allow_pickle=config.allow_pickle,
                             trust_remote_code=config.trust_remote_code)
         destination = Path(config.out or f"edgeslim-out/{loaded.name}-{profile.name}")
-        _check_destination(destination)
+        check_destination(destination)
         prompt_tokens = max(1, min(MAX_PROMPT_TOKENS, profile.context_length - GREEDY_STEPS))  # + greedy steps
         prompts = [
             loaded.tokenizer(text, return_tensors="pt").input_ids[:, :prompt_tokens]
@@ -114,7 +113,8 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
         data = TaskData(config, loaded, spec, task, method, progress)
         threads = min(profile.threads, os.cpu_count() or 1)
 
-        with _staging(destination) as staging:
+        with Staging(destination) as output:
+            staging = output.folder
             planning = profile  # what the plan aims at: the profile, tightened if memory was underestimated
             for attempt in range(MEMORY_ATTEMPTS):
                 rank_plan = _plan(config, loaded, spec, planning, data, method, progress)
@@ -131,7 +131,7 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
                 console.print(f"measured peak memory {peak / MIB:.1f} MiB > budget {profile.memory_budget_mib:g} "
                               f"MiB (predicted {predicted / MIB:.1f}): planning again with the prediction's error "
                               "taken off the budget")
-                _empty(staging)
+                output.empty()
             artifact, measurement = built.artifact, built.measurement
             host = host_figures(threads)
             host_predicted = planner.predict_for_host(spec, rank_plan, profile, host)
@@ -161,11 +161,11 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
             (staging / "plan.json").write_text(to_json(rank_plan))
             write_report(result, staging)
             write_html(staging)
-            _publish(staging, destination if result.passed else _failed(destination))
+            output.publish(destination if result.passed else failed_path(destination))
 
     print_summary(result, console)
     if not result.passed:
-        raise ValidationFailed(f"{failures[0]} (full report in {_failed(destination)}/report.json)")
+        raise ValidationFailed(f"{failures[0]} (full report in {failed_path(destination)}/report.json)")
     return result
 
 
@@ -228,7 +228,7 @@ def _check_choices(config: RunConfig) -> tuple[Task, SelectionMethod, list[tuple
         raise UsageError(f"--quality-tokens {config.quality_tokens}: must be at least 16")
     method = get_method(config.method, TensorCache(cache_dir() / "tensors" if config.use_cache else None))
     if config.out:
-        _check_destination(Path(config.out))
+        check_destination(Path(config.out))
     return task, method, evaluation_tasks
 
 
@@ -394,46 +394,6 @@ def _helper_process() -> bool:
     from accelerate import PartialState
 
     return not PartialState(cpu=not torch.cuda.is_available()).is_main_process
-
-
-def _failed(destination: Path) -> Path:
-    return destination.with_name(destination.name + ".failed")
-
-
-def _check_destination(destination: Path) -> None:
-    if destination.exists() and not destination.is_dir():
-        raise UsageError(f"--out {destination}: is a file; choose a folder path")
-    parent = destination.parent
-    existing = next((p for p in [parent, *parent.parents] if p.exists()), Path("."))
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise UsageError(f"--out {destination}: {existing} is not a writable folder; choose another --out")
-
-
-@contextmanager
-def _staging(destination: Path):
-    """A temporary folder beside the destination, removed unless it was published."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
-    try:
-        yield staging
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _empty(folder: Path) -> None:
-    shutil.rmtree(folder)
-    folder.mkdir()
-
-
-def _publish(staging: Path, destination: Path) -> None:
-    """Swap the finished folder into place; the old one is only removed once the new one is there."""
-    old = None
-    if destination.exists():
-        old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
-        os.replace(destination, old)
-    os.replace(staging, destination)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager
