@@ -285,6 +285,7 @@ class RunResult:
     spectra: tuple[Spectrum, ...] = ()
     evaluations: tuple[Evaluation, ...] = ()  # with `export --eval`, one per task
     quality: Quality | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage, where a run's time goes
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

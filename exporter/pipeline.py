@@ -156,7 +156,7 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
                 providers_not_available=tuple(built.missing), quantization_top1_agreement=built.agreement,
                 measurement=measurement, host=host, host_predicted=host_predicted, checks=checks,
                 passed=not failures, failures=failures, spectra=built.spectra, evaluations=evaluations,
-                quality=quality,
+                quality=quality, stage_seconds=_stage_seconds(progress),
             )
             (staging / "plan.json").write_text(to_json(rank_plan))
             write_report(result, staging)
@@ -208,6 +208,8 @@ def _build(loaded, spec, profile, rank_plan, method, stats, data, prompts, threa
     stage = progress.add_task("validating in onnxruntime", total=None)
     parity, missing, agreement = validate_parity(model, mirror, artifact, prompts, profile.execution_providers,
                                                  threads)
+    progress.update(stage, total=1, completed=1)
+    stage = progress.add_task("measuring latency and peak memory", total=None)
     measurement = measure_session(artifact.model_file, "CPUExecutionProvider", threads, profile.prefill_tokens,
                                   profile.context_length)
     progress.update(stage, total=1, completed=1)
@@ -292,8 +294,10 @@ class TaskData:
         calibration = self.calibration
         stage = self.progress.add_task(f"collecting activations ({calibration.tokens} tokens of {self.task.name})",
                                        total=len(calibration.batches))
-        return cached_activation_stats(self.loaded.model, self.loaded.fingerprint, calibration, names,
-                                       self.method.cache, lambda: self.progress.advance(stage))
+        stats = cached_activation_stats(self.loaded.model, self.loaded.fingerprint, calibration, names,
+                                        self.method.cache, lambda: self.progress.advance(stage))
+        self.progress.update(stage, completed=len(calibration.batches))  # also when they came from the cache
+        return stats
 
     @cached_property
     def vocabulary_ranking(self) -> list[int]:
@@ -323,8 +327,10 @@ class TaskData:
         calibration = self.calibration
         stage = self.progress.add_task("measuring layer sensitivity", total=len(calibration.batches))
         key = tensor_key("fisher", self.loaded.fingerprint, calibration.fingerprint, repr(names))
-        return self.method.cache.get_or_compute(key, lambda: output_fisher(
+        fisher = self.method.cache.get_or_compute(key, lambda: output_fisher(
             self.loaded.model, calibration, names, lambda: self.progress.advance(stage)))
+        self.progress.update(stage, completed=len(calibration.batches))
+        return fisher
 
 
 def plan_only(config: RunConfig, console: Console | None = None) -> tuple[LoadedModel, RankPlan]:
@@ -374,8 +380,10 @@ def _method_stats(config, loaded, rank_plan, data: TaskData, method, progress) -
     ranks = {layer.name: layer.rank for layer in rank_plan.factorized}
     pruned_to = repr(ranks) if method.needs == "training" else ""  # only training prunes to the ranks
     key = tensor_key("stats", method.name, loaded.fingerprint, calibration.fingerprint, repr(names), pruned_to)
-    return unflatten(method.cache.get_or_compute(key, lambda: flatten(
+    stats = unflatten(method.cache.get_or_compute(key, lambda: flatten(
         method.collect(loaded.model, calibration, names, lambda: progress.advance(stage), ranks))))
+    progress.update(stage, completed=method.passes * len(calibration.batches))
+    return stats
 
 
 def _remove_validation_graphs(artifact: OnnxArtifact) -> OnnxArtifact:
@@ -404,6 +412,15 @@ def _single_thread():
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def _stage_seconds(progress: Progress) -> dict[str, float]:
+    """Wall time of each stage, for report.json; a stage run twice (a second plan) counts both times."""
+    seconds: dict[str, float] = {}
+    for task in progress.tasks:
+        took = task.finished_time if task.finished else task.elapsed
+        seconds[task.description] = round(seconds.get(task.description, 0.0) + (took or 0.0), 2)
+    return seconds
 
 
 @contextmanager

@@ -14,21 +14,17 @@ Memory must be predicted within a few percent: it is judged on measurement, and 
 from __future__ import annotations
 
 import argparse
-import copy
 import platform
 import tempfile
 from pathlib import Path
 
-import torch
+from bench_graph import factorized
 
-from exporter.contracts import MIB, RankPlan
+from exporter.contracts import MIB
 from exporter.export import artifact_bytes, save
-from exporter.factorize import factorize_
 from exporter.graph import GraphOptions, build_decoder
 from exporter.models import describe, load_model
-from exporter.plan import layers_at, predict
-from exporter.quantize import quantize_model
-from exporter.select import get_method
+from exporter.plan import predict
 from exporter.validate import host_figures, measure_session
 
 
@@ -53,12 +49,7 @@ def main() -> None:
     print(" | ".join(header))
     contexts = [tuple(int(x) for x in shape.split(":")) for shape in args.shapes.split(",")]
     for keep in (float(k) for k in args.keep.split(",")):
-        model = copy.deepcopy(loaded.model)
-        layers = layers_at(spec, keep, 32)
-        torch.set_num_threads(1)
-        factorize_(model, RankPlan("bench", "int4", keep, 32, layers, None, None), get_method("svd"), {})
-        quantized = quantize_model(model)
-        torch.set_num_threads(args.threads)
+        model, layers, quantized = factorized(loaded, spec, keep)
         for mode in args.modes.split(","):
             for kv in args.kv.split(","):
                 with tempfile.TemporaryDirectory() as folder:

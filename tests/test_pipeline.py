@@ -42,6 +42,7 @@ def test_export_validates_each_precision(tmp_path, tiny_model_dir, precision):
     gated = {p["graph"] for p in report["parity"] if p["gated"]}
     assert all(p["passed"] for p in report["parity"] if p["gated"])
     assert "reference fp32" in gated
+    assert report["stage_seconds"]["building the ONNX graph"] > 0  # where the run's time went
     if precision != "fp32":
         assert f"{precision} weights, exact compute" in gated
         assert f"shipped {precision}" in {p["graph"] for p in report["parity"] if not p["gated"]}
