@@ -215,6 +215,27 @@ def report(folder):
 
 
 @main.command()
+@_device
+@click.option("--results", "results", required=True, multiple=True, type=click.Path(dir_okay=False),
+              help="A JSON result of scripts/bench_on_device.py run on the device (repeat for several).")
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="The calibrated profile. Default: <profile>-measured.yaml beside the profile.")
+@_one_line_errors
+def calibrate(device, results, out):
+    """Fit a device profile's bandwidth and compute to latencies measured on the device."""
+    from exporter.calibrate import calibrate as fit_profile
+
+    device_path = Path(device)
+    out_path = Path(out) if out else device_path.with_name(f"{device_path.stem}-measured.yaml")
+    before, after, fitted = fit_profile(device_path, [Path(r) for r in results], out_path)
+    for path, (b_prefill, b_decode), (a_prefill, a_decode) in zip(results, before, after, strict=True):
+        click.echo(f"{path}: prediction error prefill {b_prefill:+.0%} -> {a_prefill:+.0%}, "
+                   f"decode {b_decode:+.0%} -> {a_decode:+.0%}")
+    click.echo(f"wrote {out_path}: memory_bandwidth_gbps {fitted.memory_bandwidth_gbps:g}, "
+               f"compute_gflops {fitted.compute_gflops:g}, op_overhead_us {fitted.op_overhead_us:g}")
+
+
+@main.command()
 @_one_line_errors
 def devices():
     """The shipped device profiles, one line each."""

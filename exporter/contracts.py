@@ -100,6 +100,20 @@ class LayerPlan:
 
 
 @dataclass(frozen=True)
+class LatencyTerms:
+    """What a plan's latency is made of on any machine: bytes moved, FLOPs (divided by how fast the compute mode
+    runs relative to int8) and graph nodes. A machine's bandwidth, compute and per-node overhead turn them into
+    milliseconds (exporter.plan.latency_ms); stored in plan.json, so latencies measured on a device can calibrate
+    its profile (`edgeslim calibrate`)."""
+
+    prefill_bytes: float
+    prefill_flops: float
+    decode_bytes: float
+    decode_flops: float
+    nodes: int
+
+
+@dataclass(frozen=True)
 class Prediction:
     """What the latency/memory model predicts for a plan on one machine (the device, or this host)."""
 
@@ -109,6 +123,7 @@ class Prediction:
     memory_bytes: int
     prefill_ms: float
     decode_ms_per_token: float
+    latency_terms: LatencyTerms | None = None
 
 
 @dataclass(frozen=True)

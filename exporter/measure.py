@@ -1,7 +1,19 @@
-"""Latency and peak memory of an ONNX model in onnxruntime, measured in a fresh process.
+"""Latency and peak memory of an ONNX model in onnxruntime, measured in a fresh process; and the on-device benchmark
+of an export folder.
 
-Run as `python -m exporter.measure MODEL --provider P --threads N --prefill-tokens T --context C`; prints one JSON
-object. A fresh process is the only honest way to read a session's peak memory: the parent holds PyTorch and the
+Self-contained on purpose (Python 3.8+, numpy and onnxruntime; onnxruntime-genai's version is recorded where it is
+installed): `scripts/bench_on_device.py` is this file, to be copied with an export folder to a phone (Termux), a
+Raspberry Pi or a laptop:
+
+    python bench_on_device.py EXPORT_FOLDER [--threads N] [--json result.json] [--parity-only]
+
+measures load time, prefill of the profile's prompt length, decode ms/token and peak memory, checks that the
+device's kernels reproduce the greedy tokens stored in the export (device_check.json, made with this same code when
+the export was validated), records which execution provider ran each operator, and writes one JSON result with the
+device's description; `edgeslim calibrate` fits a profile to such results. The pipeline runs
+`python -m exporter.measure MODEL --provider P --threads N --prefill-tokens T --context C` (one JSON object).
+
+A fresh process is the only honest way to read a session's peak memory: the parent holds PyTorch and the
 model. Memory is the growth of the process's peak resident set (VmHWM) above its peak before the session was
 created, so it includes the weights as loaded, the runtime's arena, the KV cache (one buffer of C positions per
 layer, shared by past and present as onnxruntime-genai runs it), a prefill of T tokens and a decode step with the
@@ -10,19 +22,32 @@ cache full.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    # run as scripts/bench_on_device.py (a link to this file), Python puts exporter/ first on the path, where the
+    # package's select.py and profile.py would stand in for the standard library's
+    sys.path.pop(0)
+
 import argparse
 import json
+import os
+import platform
 import resource
 import statistics
-import sys
+import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 DECODE_STEPS = 16
+REFERENCE_FILE = "device_check.json"  # in an export: a prompt and the greedy tokens the device must reproduce
+PARITY_STEPS = 8
+CPU = "CPUExecutionProvider"
 
 
 def _peak_rss_bytes() -> int:
@@ -34,12 +59,16 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: an upper bound
 
 
-def session(model: str, provider: str, threads: int) -> ort.InferenceSession:
+def session(model: str, provider: str, threads: int, profile_prefix: str | None = None) -> ort.InferenceSession:
+    """`profile_prefix`: write onnxruntime's own profile there (which provider ran each node, and how long)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    providers = [provider] if provider == CPU else [provider, CPU]
     return ort.InferenceSession(model, options, providers=providers)
 
 
@@ -129,18 +158,115 @@ def measure(model: str, provider: str, threads: int, prefill_tokens: int, contex
     }
 
 
+def greedy(cache: SharedCache, prompt: list[int], steps: int) -> list[int]:
+    """`steps` greedy tokens after `prompt`, through the shared KV buffer."""
+    logits = cache.run(np.array([prompt], dtype=np.int64), 0)
+    tokens = []
+    for step in range(steps):
+        tokens.append(int(logits[0, -1].argmax()))
+        if step + 1 < steps:
+            logits = cache.run(np.array([tokens[-1:]], dtype=np.int64), len(prompt) + step)
+    return tokens
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two sequences share."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def describe_machine() -> dict:
+    """What a result was measured on: enough to tell a phone from a Pi from this laptop."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Hardware", "CPU part") and value.strip():
+                cpu = value.strip()
+                break
+    try:
+        import onnxruntime_genai
+
+        genai = onnxruntime_genai.__version__
+    except ImportError:
+        genai = None
+    return {"machine": platform.machine(), "system": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(),
+            "python": platform.python_version(), "onnxruntime": ort.__version__,
+            "providers_available": ort.get_available_providers(), "onnxruntime_genai": genai}
+
+
+def write_reference(model_file: str, folder: Path, prompt: list[int], prefill_tokens: int, context: int,
+                    threads: int, head_dim: int | None = None) -> None:
+    """Store the shipped graph's greedy tokens on this machine, for the device to reproduce."""
+    cache = SharedCache(session(model_file, CPU, threads), context, head_dim)
+    reference = {"prompt": [int(t) for t in prompt], "tokens": greedy(cache, list(prompt), PARITY_STEPS),
+                 "prefill_tokens": prefill_tokens, "threads": threads, "made_on": describe_machine()}
+    (folder / REFERENCE_FILE).write_text(json.dumps(reference, indent=1) + "\n")
+
+
+def provider_placement(model_file: str, provider: str, threads: int, context: int, head_dim: int,
+                       prompt: list[int]) -> dict[str, dict[str, int]]:
+    """{provider: {operator: nodes}} as onnxruntime's own profile of one prefill records it."""
+    with tempfile.TemporaryDirectory() as folder:
+        sess = session(model_file, provider, threads, profile_prefix=str(Path(folder) / "profile"))
+        SharedCache(sess, context, head_dim).run(np.array([prompt], dtype=np.int64), 0)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    nodes = {event["name"]: event["args"] for event in events
+             if event.get("cat") == "Node" and "provider" in event.get("args", {})}
+    placement: dict[str, Counter] = {}
+    for args in nodes.values():
+        placement.setdefault(args["provider"], Counter())[args["op_name"]] += 1
+    return {name: dict(sorted(ops.items())) for name, ops in placement.items()}
+
+
+def check_export(folder: Path, provider: str, threads: int | None, runs: int, parity_only: bool) -> dict:
+    """The on-device benchmark of one export folder (see the module's docstring)."""
+    config = json.loads((folder / "genai_config.json").read_text())["model"]
+    reference = json.loads((folder / REFERENCE_FILE).read_text())
+    model = str(folder / config["decoder"]["filename"])
+    context, head_dim = config["context_length"], config["decoder"]["head_size"]
+    threads = threads or reference["threads"]
+    result = {"device": describe_machine(), "export": folder.name, "provider": provider, "threads": threads}
+    if not parity_only:  # first, while this process's peak memory is still its baseline
+        result["measurement"] = measure(model, provider, threads, reference["prefill_tokens"], context, runs,
+                                        head_dim)
+    got = greedy(SharedCache(session(model, provider, threads), context, head_dim), reference["prompt"],
+                 len(reference["tokens"]))
+    result["parity"] = {"expected": reference["tokens"], "got": got, "identical": got == reference["tokens"],
+                        "same_prefix": common_prefix(got, reference["tokens"]),
+                        "expected_made_on": reference["made_on"]}
+    result["placement"] = provider_placement(model, provider, threads, context, head_dim, reference["prompt"])
+    plan = folder / "plan.json"
+    if plan.exists():  # what `edgeslim calibrate` fits the profile with
+        result["latency_terms"] = json.loads(plan.read_text())["predicted"]["latency_terms"]
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model")
-    parser.add_argument("--provider", default="CPUExecutionProvider")
-    parser.add_argument("--threads", type=int, required=True)
-    parser.add_argument("--prefill-tokens", type=int, required=True)
-    parser.add_argument("--context", type=int, required=True)
+    parser.add_argument("target", help="an export folder (on-device benchmark) or one .onnx file")
+    parser.add_argument("--provider", default=CPU)
+    parser.add_argument("--threads", type=int, default=None, help="default: the threads the export was made for")
+    parser.add_argument("--prefill-tokens", type=int, default=None, help="with a .onnx file")
+    parser.add_argument("--context", type=int, default=None, help="with a .onnx file")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--head-dim", type=int, default=None, help="for graphs that leave it symbolic")
+    parser.add_argument("--parity-only", action="store_true", help="no timing (under emulation, say)")
+    parser.add_argument("--json", default=None, help="also write the result to this file")
     args = parser.parse_args(argv)
-    result = measure(args.model, args.provider, args.threads, args.prefill_tokens, args.context, args.runs,
-                     args.head_dim)
+    target = Path(args.target)
+    if target.is_dir():
+        if not (target / REFERENCE_FILE).exists():
+            parser.error(f"{target}: no {REFERENCE_FILE}; give an edgeslim export folder")
+        result = check_export(target, args.provider, args.threads, args.runs, args.parity_only)
+    elif None in (args.threads, args.prefill_tokens, args.context):
+        parser.error("with a .onnx file, give --threads, --prefill-tokens and --context")
+    else:
+        result = measure(args.target, args.provider, args.threads, args.prefill_tokens,
+                         args.context, args.runs, args.head_dim)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     json.dump(result, sys.stdout)
 
 

@@ -42,6 +42,7 @@ from exporter.export import export_model
 from exporter.factorize import factorize_
 from exporter.generate import OnnxDecoder, TorchDecoder
 from exporter.grading import EvalTask, parse_eval_spec
+from exporter.measure import write_reference
 from exporter.models import LoadedModel, cache_dir, describe, lm_head_name, load_model
 from exporter.output import Staging, check_destination, failed_path
 from exporter.profile import load_profile
@@ -212,6 +213,8 @@ def _build(loaded, spec, profile, rank_plan, method, stats, data, prompts, threa
     stage = progress.add_task("measuring latency and peak memory", total=None)
     measurement = measure_session(artifact.model_file, "CPUExecutionProvider", threads, profile.prefill_tokens,
                                   profile.context_length)
+    write_reference(artifact.model_file, staging, prompts[0][0].tolist(), profile.prefill_tokens,
+                    profile.context_length, threads)  # what the device's kernels must reproduce (bench_on_device)
     progress.update(stage, total=1, completed=1)
     return _Built(mirror, layers, spectra, artifact, parity, missing, agreement, measurement)
 

@@ -33,7 +33,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import replace
 
-from exporter.contracts import MIB, DeviceProfile, LayerPlan, ModelSpec, Prediction, RankPlan
+from exporter.contracts import MIB, DeviceProfile, LatencyTerms, LayerPlan, ModelSpec, Prediction, RankPlan
 from exporter.errors import BudgetError, UsageError
 from exporter.graph import COMPUTE_MODES, node_count
 from exporter.quantize import int4_bytes
@@ -98,29 +98,40 @@ def predict(spec: ModelSpec, layers: Sequence[LayerPlan], *, precision: str, con
     per_token = ACTIVATION_COPIES * (spec.hidden_size + 2 * width) + (FP16_ATTENTION_COPIES * spec.hidden_size
                                                                        if kv_cache == "fp16" else 0)
     workspace = 4 * t * per_token + 4 * spec.num_attention_heads * t * t
-    bandwidth, compute = bandwidth_gbps * 1e9, compute_gflops * 1e9
     attn_dims = spec.num_layers * spec.num_attention_heads * spec.head_dim
     projection_params = sum(layer.params for layer in layers)
     head_params = rows * spec.hidden_size
     ranks = {layer.name: layer.rank for layer in layers}
-    dispatch = 1e-6 * op_overhead_us * node_count(spec, ranks, precision, kv_cache, vocabulary is not None)
-    decode_bytes = projection_bytes + table_bytes + kv_per_token * t
-    decode_seconds = ((2 * projection_params + 4 * attn_dims * t) / (compute * _speed(blocks_compute, "decode"))
-                      + 2 * head_params / (compute * _speed(head_compute, "decode")))
-    prefill_seconds = ((2 * projection_params * t + 2 * attn_dims * t * t) / (compute * _speed(blocks_compute,
-                                                                                               "prefill"))
-                       + 2 * head_params / (compute * _speed(head_compute, "prefill")))
+    terms = LatencyTerms(
+        prefill_bytes=weights_bytes,
+        prefill_flops=((2 * projection_params * t + 2 * attn_dims * t * t) / _speed(blocks_compute, "prefill")
+                       + 2 * head_params / _speed(head_compute, "prefill")),
+        decode_bytes=projection_bytes + table_bytes + kv_per_token * t,
+        decode_flops=((2 * projection_params + 4 * attn_dims * t) / _speed(blocks_compute, "decode")
+                      + 2 * head_params / _speed(head_compute, "decode")),
+        nodes=node_count(spec, ranks, precision, kv_cache, vocabulary is not None),
+    )
     resident_weights = (RESIDENT_PER_BYTE[blocks_compute] * (weights_bytes - table_bytes)
                         + TABLE_PER_BYTE[head_compute] * table_bytes
                         + RUNTIME_BYTES + PER_BLOCK_BYTES * spec.num_layers)
+    prefill_ms, decode_ms = latency_ms(terms, bandwidth_gbps, compute_gflops, op_overhead_us)
     return Prediction(
         weights_bytes=int(weights_bytes),
         kv_cache_bytes=int(kv_cache_bytes),
         workspace_bytes=int(workspace),
         memory_bytes=int(resident_weights + kv_cache_bytes + workspace),
-        prefill_ms=1e3 * (max(weights_bytes / bandwidth, prefill_seconds) + dispatch),
-        decode_ms_per_token=1e3 * (max(decode_bytes / bandwidth, decode_seconds) + dispatch),
+        prefill_ms=prefill_ms,
+        decode_ms_per_token=decode_ms,
+        latency_terms=terms,
     )
+
+
+def latency_ms(terms: LatencyTerms, bandwidth_gbps: float, compute_gflops: float,
+               op_overhead_us: float) -> tuple[float, float]:
+    """(prefill ms, decode ms/token): the roofline, max(bytes / bandwidth, FLOPs / compute), plus node dispatch."""
+    bandwidth, compute, dispatch = bandwidth_gbps * 1e9, compute_gflops * 1e9, 1e-6 * op_overhead_us * terms.nodes
+    return (1e3 * (max(terms.prefill_bytes / bandwidth, terms.prefill_flops / compute) + dispatch),
+            1e3 * (max(terms.decode_bytes / bandwidth, terms.decode_flops / compute) + dispatch))
 
 
 def _compute(precision: str, activations: str) -> tuple[str, str]:

@@ -29,7 +29,7 @@ from transformers import PreTrainedModel
 from exporter.contracts import DeviceProfile, Measurement, OnnxArtifact, ParityResult
 from exporter.evaluate import top1_agreement
 from exporter.generate import Decoder, OnnxDecoder, TorchDecoder, generate
-from exporter.measure import session
+from exporter.measure import common_prefix, session
 
 RELATIVE_TOLERANCE = 1e-4
 GREEDY_STEPS = 32
@@ -68,7 +68,7 @@ def check_parity(
     max_diff, tolerance, matched, identical = 0.0, 0.0, 0, True
     for ids, (ref_logits, ref_tokens) in zip(prompts, references, strict=True):
         logits, tokens = greedy_trace(OnnxDecoder(sess), ids)
-        same = 1 + _common_prefix(tokens, ref_tokens)  # logits after a divergence answer different contexts
+        same = 1 + common_prefix(tokens, ref_tokens)  # logits after a divergence answer different contexts
         max_diff = max(max_diff, float(np.abs(logits[:same] - ref_logits[:same]).max()))
         tolerance = max(tolerance, RELATIVE_TOLERANCE * float(np.abs(ref_logits).max()))
         matched += same - 1
@@ -118,15 +118,6 @@ def validate_parity(
             results.append(result)
     agreement = None if artifact.precision == "fp32" else top1_agreement(model, mirror, prompts)
     return results, missing, agreement
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def measure_session(model_file: str, provider: str, threads: int, prefill_tokens: int, context: int) -> Measurement:

@@ -35,7 +35,8 @@ def test_export_validates_each_precision(tmp_path, tiny_model_dir, precision):
     assert result.passed, result.failures
     assert result.plan.factorized, "the budget should force factorization"
     names = {p.name for p in out.iterdir()}
-    assert {"model.onnx", "genai_config.json", "plan.json", "report.json", "tokenizer.json"} <= names
+    assert {"model.onnx", "genai_config.json", "plan.json", "report.json", "tokenizer.json",
+            "device_check.json"} <= names
     assert "reference-fp32.onnx" not in names
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] is True
