@@ -158,15 +158,18 @@ def measure(model: str, provider: str, threads: int, prefill_tokens: int, contex
     }
 
 
-def greedy(cache: SharedCache, prompt: list[int], steps: int) -> list[int]:
-    """`steps` greedy tokens after `prompt`, through the shared KV buffer."""
+def greedy(cache: SharedCache, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
+    """`steps` greedy tokens after `prompt`, through the shared KV buffer, and each step's margin (top-1 logit minus
+    top-2): where a margin is a near-tie, other kernels may rightly choose the other token."""
     logits = cache.run(np.array([prompt], dtype=np.int64), 0)
-    tokens = []
+    tokens, margins = [], []
     for step in range(steps):
+        top2 = np.sort(logits[0, -1])[-2:]
         tokens.append(int(logits[0, -1].argmax()))
+        margins.append(round(float(top2[1] - top2[0]), 4))
         if step + 1 < steps:
             logits = cache.run(np.array([tokens[-1:]], dtype=np.int64), len(prompt) + step)
-    return tokens
+    return tokens, margins
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -200,7 +203,8 @@ def write_reference(model_file: str, folder: Path, prompt: list[int], prefill_to
                     threads: int, head_dim: int | None = None) -> None:
     """Store the shipped graph's greedy tokens on this machine, for the device to reproduce."""
     cache = SharedCache(session(model_file, CPU, threads), context, head_dim)
-    reference = {"prompt": [int(t) for t in prompt], "tokens": greedy(cache, list(prompt), PARITY_STEPS),
+    tokens, margins = greedy(cache, list(prompt), PARITY_STEPS)
+    reference = {"prompt": [int(t) for t in prompt], "tokens": tokens, "margins": margins,
                  "prefill_tokens": prefill_tokens, "threads": threads, "made_on": describe_machine()}
     (folder / REFERENCE_FILE).write_text(json.dumps(reference, indent=1) + "\n")
 
@@ -231,11 +235,14 @@ def check_export(folder: Path, provider: str, threads: int | None, runs: int, pa
     if not parity_only:  # first, while this process's peak memory is still its baseline
         result["measurement"] = measure(model, provider, threads, reference["prefill_tokens"], context, runs,
                                         head_dim)
-    got = greedy(SharedCache(session(model, provider, threads), context, head_dim), reference["prompt"],
-                 len(reference["tokens"]))
+    got, margins = greedy(SharedCache(session(model, provider, threads), context, head_dim), reference["prompt"],
+                          len(reference["tokens"]))
+    same = common_prefix(got, reference["tokens"])
     result["parity"] = {"expected": reference["tokens"], "got": got, "identical": got == reference["tokens"],
-                        "same_prefix": common_prefix(got, reference["tokens"]),
-                        "expected_made_on": reference["made_on"]}
+                        "same_prefix": same, "expected_made_on": reference["made_on"],
+                        # at the first difference: how close the two top tokens were there, and here
+                        "margins_at_difference": None if same == len(got) else
+                        {"expected": reference["margins"][same], "got": margins[same]}}
     result["placement"] = provider_placement(model, provider, threads, context, head_dim, reference["prompt"])
     plan = folder / "plan.json"
     if plan.exists():  # what `edgeslim calibrate` fits the profile with
