@@ -125,6 +125,24 @@ class SharedCache:
         return binding.get_outputs()[0].numpy()
 
 
+def prefill_and_decode(cache: SharedCache, ids: np.ndarray, runs: int,
+                       steps: int) -> tuple[list[float], list[float], np.ndarray]:
+    """ms of `runs` prefills of `ids`, ms of each of `steps` greedy decode steps after the last, and the last token
+    fed."""
+    prefill_times, logits = [], None
+    for _ in range(runs):
+        start = time.perf_counter()
+        logits = cache.run(ids, 0)
+        prefill_times.append(1e3 * (time.perf_counter() - start))
+    decode_times, token = [], None
+    for step in range(steps):
+        token = np.array([[int(logits[0, -1].argmax())]], dtype=np.int64)
+        start = time.perf_counter()
+        logits = cache.run(token, ids.shape[1] + step)
+        decode_times.append(1e3 * (time.perf_counter() - start))
+    return prefill_times, decode_times, token
+
+
 def measure(model: str, provider: str, threads: int, prefill_tokens: int, context: int, runs: int,
             head_dim: int | None = None) -> dict:
     baseline = _peak_rss_bytes()
@@ -135,17 +153,7 @@ def measure(model: str, provider: str, threads: int, prefill_tokens: int, contex
     vocab = int(sess.get_outputs()[0].shape[2])
     ids = np.random.default_rng(0).integers(0, vocab, size=(1, prefill_tokens), dtype=np.int64)
 
-    prefill_times, logits = [], None
-    for _ in range(runs):
-        start = time.perf_counter()
-        logits = cache.run(ids, 0)
-        prefill_times.append(1e3 * (time.perf_counter() - start))
-    decode_times = []
-    for step in range(DECODE_STEPS):
-        token = np.array([[int(logits[0, -1].argmax())]], dtype=np.int64)
-        start = time.perf_counter()
-        logits = cache.run(token, prefill_tokens + step)
-        decode_times.append(1e3 * (time.perf_counter() - start))
+    prefill_times, decode_times, token = prefill_and_decode(cache, ids, runs, DECODE_STEPS)
     cache.run(token, context - 1)  # a step with the KV cache full
     return {
         "provider": sess.get_providers()[0],
@@ -209,13 +217,9 @@ def write_reference(model_file: str, folder: Path, prompt: list[int], prefill_to
     (folder / REFERENCE_FILE).write_text(json.dumps(reference, indent=1) + "\n")
 
 
-def provider_placement(model_file: str, provider: str, threads: int, context: int, head_dim: int,
-                       prompt: list[int]) -> dict[str, dict[str, int]]:
-    """{provider: {operator: nodes}} as onnxruntime's own profile of one prefill records it."""
-    with tempfile.TemporaryDirectory() as folder:
-        sess = session(model_file, provider, threads, profile_prefix=str(Path(folder) / "profile"))
-        SharedCache(sess, context, head_dim).run(np.array([prompt], dtype=np.int64), 0)
-        events = json.loads(Path(sess.end_profiling()).read_text())
+def _placement(profile_file: str) -> dict[str, dict[str, int]]:
+    """{provider: {operator: nodes}} from onnxruntime's own profile of a session."""
+    events = json.loads(Path(profile_file).read_text())
     nodes = {event["name"]: event["args"] for event in events
              if event.get("cat") == "Node" and "provider" in event.get("args", {})}
     placement: dict[str, Counter] = {}
@@ -235,15 +239,16 @@ def check_export(folder: Path, provider: str, threads: int | None, runs: int, pa
     if not parity_only:  # first, while this process's peak memory is still its baseline
         result["measurement"] = measure(model, provider, threads, reference["prefill_tokens"], context, runs,
                                         head_dim)
-    got, margins = greedy(SharedCache(session(model, provider, threads), context, head_dim), reference["prompt"],
-                          len(reference["tokens"]))
+    with tempfile.TemporaryDirectory() as folder_for_profile:  # one session: the tokens, and where each op ran
+        sess = session(model, provider, threads, profile_prefix=str(Path(folder_for_profile) / "profile"))
+        got, margins = greedy(SharedCache(sess, context, head_dim), reference["prompt"], len(reference["tokens"]))
+        result["placement"] = _placement(sess.end_profiling())
     same = common_prefix(got, reference["tokens"])
     result["parity"] = {"expected": reference["tokens"], "got": got, "identical": got == reference["tokens"],
                         "same_prefix": same, "expected_made_on": reference["made_on"],
                         # at the first difference: how close the two top tokens were there, and here
                         "margins_at_difference": None if same == len(got) else
                         {"expected": reference["margins"][same], "got": margins[same]}}
-    result["placement"] = provider_placement(model, provider, threads, context, head_dim, reference["prompt"])
     plan = folder / "plan.json"
     if plan.exists():  # what `edgeslim calibrate` fits the profile with
         result["latency_terms"] = json.loads(plan.read_text())["predicted"]["latency_terms"]

@@ -10,10 +10,12 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from rich.console import Console
@@ -57,6 +59,7 @@ from exporter.validate import CPU, GREEDY_STEPS, host_figures, measure_session, 
 from exporter.vocabulary import prune_vocabulary_, token_ranking, vocabulary_costs
 
 MAX_PROMPT_TOKENS = 64
+T = TypeVar("T")
 MEMORY_ATTEMPTS = 2  # a plan whose measured memory misses the budget is made again, once, below the miss
 QUALITY_WINDOW = 512  # tokens per held-out scoring window (at most the profile's context)
 
@@ -197,19 +200,15 @@ def _build(loaded, spec, profile, rank_plan, method, stats, data, prompts, threa
             prune_vocabulary_(model, data.vocabulary_ranking[:rank_plan.vocabulary])
         quantized = None
         if profile.precision == "int4":
-            stage = progress.add_task("rounding to int4 (GPTQ)", total=None)
-            quantized = quantize_model(model, data.activations)
-            progress.update(stage, total=1, completed=1)
+            quantized = _stage(progress, "rounding to int4 (GPTQ)", None,
+                               lambda _: quantize_model(model, data.activations))
     mirror = model if quantized is None else apply_(copy.deepcopy(model), quantized)
 
-    stage = progress.add_task("building the ONNX graph", total=None)
-    artifact = export_model(model, loaded.tokenizer, spec, staging, profile.precision, profile.context_length,
-                            quantized, rank_plan.activations, profile.kv_cache_precision)
-    progress.update(stage, total=1, completed=1)
-    stage = progress.add_task("validating in onnxruntime", total=None)
-    parity, missing, agreement = validate_parity(model, mirror, artifact, prompts, profile.execution_providers,
-                                                 threads)
-    progress.update(stage, total=1, completed=1)
+    artifact = _stage(progress, "building the ONNX graph", None, lambda _: export_model(
+        model, loaded.tokenizer, spec, staging, profile.precision, profile.context_length, quantized,
+        rank_plan.activations, profile.kv_cache_precision))
+    parity, missing, agreement = _stage(progress, "validating in onnxruntime", None, lambda _: validate_parity(
+        model, mirror, artifact, prompts, profile.execution_providers, threads))
     stage = progress.add_task("measuring latency and peak memory", total=None)
     measurement = measure_session(artifact.model_file, "CPUExecutionProvider", threads, profile.prefill_tokens,
                                   profile.context_length)
@@ -295,12 +294,9 @@ class TaskData:
         GPTQ rounds with, what the planner prices layers with and what activation-aware methods select with."""
         names = [layer.name for layer in self.spec.layers] + [lm_head_name(self.loaded.model)]
         calibration = self.calibration
-        stage = self.progress.add_task(f"collecting activations ({calibration.tokens} tokens of {self.task.name})",
-                                       total=len(calibration.batches))
-        stats = cached_activation_stats(self.loaded.model, self.loaded.fingerprint, calibration, names,
-                                        self.method.cache, lambda: self.progress.advance(stage))
-        self.progress.update(stage, completed=len(calibration.batches))  # also when they came from the cache
-        return stats
+        return _stage(self.progress, f"collecting activations ({calibration.tokens} tokens of {self.task.name})",
+                      len(calibration.batches), lambda advance: cached_activation_stats(
+                          self.loaded.model, self.loaded.fingerprint, calibration, names, self.method.cache, advance))
 
     @cached_property
     def vocabulary_ranking(self) -> list[int]:
@@ -311,7 +307,6 @@ class TaskData:
     def vocabulary_costs(self) -> dict[int, float]:
         """The measured loss increase of keeping fewer vocabulary rows (exporter.vocabulary), cached."""
         texts = self.task.calibration(data_dir(self.config.data_dir))
-        stage = self.progress.add_task("measuring what fewer vocabulary rows cost", total=None)
         key = tensor_key("vocabulary", self.loaded.fingerprint, self.calibration.fingerprint,
                          repr(self.vocabulary_ranking[:64]))
 
@@ -320,20 +315,18 @@ class TaskData:
                                         self.vocabulary_ranking)
             return {str(count): torch.tensor(cost) for count, cost in measured.items()}
 
-        costs = self.method.cache.get_or_compute(key, measure)
-        self.progress.update(stage, total=1, completed=1)
+        costs = _stage(self.progress, "measuring what fewer vocabulary rows cost", None,
+                       lambda _: self.method.cache.get_or_compute(key, measure))
         return {int(count): float(cost) for count, cost in costs.items()}
 
     def fisher(self) -> dict[str, torch.Tensor]:
         """Mean squared gradients of the per-token loss at every projection's outputs (exporter.sensitivity)."""
         names = [layer.name for layer in self.spec.layers]
         calibration = self.calibration
-        stage = self.progress.add_task("measuring layer sensitivity", total=len(calibration.batches))
         key = tensor_key("fisher", self.loaded.fingerprint, calibration.fingerprint, repr(names))
-        fisher = self.method.cache.get_or_compute(key, lambda: output_fisher(
-            self.loaded.model, calibration, names, lambda: self.progress.advance(stage)))
-        self.progress.update(stage, completed=len(calibration.batches))
-        return fisher
+        return _stage(self.progress, "measuring layer sensitivity", len(calibration.batches),
+                      lambda advance: self.method.cache.get_or_compute(key, lambda: output_fisher(
+                          self.loaded.model, calibration, names, advance)))
 
 
 def plan_only(config: RunConfig, console: Console | None = None) -> tuple[LoadedModel, RankPlan]:
@@ -378,15 +371,13 @@ def _method_stats(config, loaded, rank_plan, data: TaskData, method, progress) -
     names = [layer.name for layer in rank_plan.factorized]
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     where = f" on {processes} processes" if processes > 1 and method.needs == "training" else ""
-    stage = progress.add_task(f"collecting {method.needs} ({calibration.tokens} tokens){where}",
-                              total=method.passes * len(calibration.batches))
     ranks = {layer.name: layer.rank for layer in rank_plan.factorized}
     pruned_to = repr(ranks) if method.needs == "training" else ""  # only training prunes to the ranks
     key = tensor_key("stats", method.name, loaded.fingerprint, calibration.fingerprint, repr(names), pruned_to)
-    stats = unflatten(method.cache.get_or_compute(key, lambda: flatten(
-        method.collect(loaded.model, calibration, names, lambda: progress.advance(stage), ranks))))
-    progress.update(stage, completed=method.passes * len(calibration.batches))
-    return stats
+    return unflatten(_stage(progress, f"collecting {method.needs} ({calibration.tokens} tokens){where}",
+                            method.passes * len(calibration.batches),
+                            lambda advance: method.cache.get_or_compute(key, lambda: flatten(
+                                method.collect(loaded.model, calibration, names, advance, ranks)))))
 
 
 def _remove_validation_graphs(artifact: OnnxArtifact) -> OnnxArtifact:
@@ -415,6 +406,15 @@ def _single_thread():
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def _stage(progress: Progress, description: str, total: int | None, work: Callable[[Callable[[], None]], T]) -> T:
+    """`work(advance)` as one stage of the progress display, marked done after it, also when a cache answered at
+    once (report.json's stage_seconds reads when each stage finished)."""
+    stage = progress.add_task(description, total=total)
+    result = work(lambda: progress.advance(stage))
+    progress.update(stage, total=total or 1, completed=total or 1)
+    return result
 
 
 def _stage_seconds(progress: Progress) -> dict[str, float]:

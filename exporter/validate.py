@@ -107,7 +107,8 @@ def validate_parity(
     if artifact.precision != "fp32":
         graphs.append((artifact.exact_file, f"{artifact.precision} weights, exact compute", mirror, True))
         graphs.append((artifact.model_file, f"shipped {artifact.precision}", mirror, False))
-    references = {id(m): [greedy_trace(TorchDecoder(m), ids) for ids in prompts] for m in (model, mirror)}
+    references = {id(m): [greedy_trace(TorchDecoder(m), ids) for ids in prompts]
+                  for m in {id(m): m for m in (model, mirror)}.values()}  # at fp32 the mirror is the model
     results = []
     for provider in providers:
         for graph_file, label, reference, gated in graphs:

@@ -42,7 +42,7 @@ from exporter.contracts import MIB, RankPlan
 from exporter.export import artifact_bytes, export_model, save_variant
 from exporter.factorize import factorize_
 from exporter.graph import all_positions
-from exporter.measure import SharedCache, session
+from exporter.measure import SharedCache, prefill_and_decode, session
 from exporter.models import (
     DEFAULT_MODEL_NAME,
     cache_dir,
@@ -99,16 +99,8 @@ def speed(model_file: str, threads: int, context: int, head_dim: int) -> tuple[f
     """(prefill ms of a PROMPT-token prompt, median decode ms/token) with the shared KV buffer."""
     cache = SharedCache(session(model_file, "CPUExecutionProvider", threads), context, head_dim)
     ids = np.random.default_rng(0).integers(0, 1000, size=(1, PROMPT), dtype=np.int64)
-    start = time.perf_counter()
-    logits = cache.run(ids, 0)
-    prefill = 1e3 * (time.perf_counter() - start)
-    steps = []
-    for step in range(DECODE_STEPS):
-        token = np.array([[int(logits[0, -1].argmax())]], dtype=np.int64)
-        start = time.perf_counter()
-        logits = cache.run(token, PROMPT + step)
-        steps.append(1e3 * (time.perf_counter() - start))
-    return prefill, statistics.median(steps)
+    prefill, steps, _ = prefill_and_decode(cache, ids, 1, DECODE_STEPS)
+    return prefill[0], statistics.median(steps)
 
 
 def peak_memory(model_file: str, threads: int, context: int, prompt: int, head_dim: int) -> float:
