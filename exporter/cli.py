@@ -111,6 +111,9 @@ def _config(**options) -> RunConfig:
 @click.option("--eval", "evaluate", default=None, metavar="TASK[:N],...",
               help="Also measure task metrics of the dense, compressed and shipped models on N items of each task "
                    "(e.g. gsm8k:50,mbpp:50).")
+@click.option("--ort", is_flag=True,
+              help="Also write model.ort and the operator config for a minimal onnxruntime mobile build, checked "
+                   "for the same tokens and for the memory budget.")
 @_max_new_tokens
 @_one_line_errors
 def export(**options):
@@ -130,6 +133,8 @@ def export(**options):
 def plan(as_json, **options):
     """Plan per-layer ranks for a device, without compressing anything."""
     from exporter.pipeline import plan_only
+    from exporter.profile import load_profile
+    from exporter.providers import plan_notes
 
     loaded, rank_plan = plan_only(_config(**options))
     if as_json:
@@ -152,6 +157,8 @@ def plan(as_json, **options):
                    f"({rank_plan.allocation}{estimate})")
     click.echo(f"predicted{computes}: weights {p.weights_bytes / MIB:.1f} MiB, memory {p.memory_bytes / MIB:.1f} "
                f"MiB, decode {p.decode_ms_per_token:.1f} ms/token, prefill {p.prefill_ms:.0f} ms")
+    for note in plan_notes(load_profile(options["device"])):
+        click.echo(f"note: {note}")
 
 
 @main.command(name="eval")

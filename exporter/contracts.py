@@ -200,6 +200,34 @@ class Measurement:
 
 
 @dataclass(frozen=True)
+class ProviderFit:
+    """How much of the shipped graph one execution provider could run, by operator type (exporter.providers)."""
+
+    provider: str
+    installed: bool  # offered by the onnxruntime installed here
+    known: bool  # False: edgeslim has no operator list for this provider
+    nodes: int
+    supported_nodes: int
+    partitions: int  # connected groups of supported nodes: each one is a hand-over to and from the CPU
+    unsupported_operators: tuple[str, ...]
+    summary: str
+
+
+@dataclass(frozen=True)
+class OrtPackage:
+    """`export --ort`: the shipped graph in onnxruntime's ORT format, as run in a fresh process (exporter.mobile)."""
+
+    model_file: str
+    operators_file: str  # for onnxruntime's build.py --minimal_build --include_ops_by_config
+    model_bytes: int
+    operator_lines: tuple[str, ...]  # the config's "domain;opset;Op{types}" lines
+    tokens_identical: bool  # the same greedy tokens as device_check.json (the .onnx's)
+    same_prefix: int
+    greedy_steps: int
+    measurement: Measurement
+
+
+@dataclass(frozen=True)
 class BudgetCheck:
     """One line of the summary table."""
 
@@ -301,6 +329,8 @@ class RunResult:
     evaluations: tuple[Evaluation, ...] = ()  # with `export --eval`, one per task
     quality: Quality | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage, where a run's time goes
+    providers: tuple[ProviderFit, ...] = ()  # what each listed (and each mobile) provider could run of the graph
+    ort_package: OrtPackage | None = None  # with `export --ort`
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -5,7 +5,7 @@ Self-contained on purpose (Python 3.8+, numpy and onnxruntime; onnxruntime-genai
 installed): `scripts/bench_on_device.py` is this file, to be copied with an export folder to a phone (Termux), a
 Raspberry Pi or a laptop:
 
-    python bench_on_device.py EXPORT_FOLDER [--threads N] [--json result.json] [--parity-only]
+    python bench_on_device.py EXPORT_FOLDER [--threads N] [--json result.json] [--parity-only] [--graph model.ort]
 
 measures load time, prefill of the profile's prompt length, decode ms/token and peak memory, checks that the
 device's kernels reproduce the greedy tokens stored in the export (device_check.json, made with this same code when
@@ -228,14 +228,17 @@ def _placement(profile_file: str) -> dict[str, dict[str, int]]:
     return {name: dict(sorted(ops.items())) for name, ops in placement.items()}
 
 
-def check_export(folder: Path, provider: str, threads: int | None, runs: int, parity_only: bool) -> dict:
-    """The on-device benchmark of one export folder (see the module's docstring)."""
+def check_export(folder: Path, provider: str, threads: int | None, runs: int, parity_only: bool,
+                 graph: str | None = None) -> dict:
+    """The on-device benchmark of one export folder (see the module's docstring); `graph`: a file in the folder
+    other than the decoder genai_config.json names (the ORT-format model.ort, say)."""
     config = json.loads((folder / "genai_config.json").read_text())["model"]
     reference = json.loads((folder / REFERENCE_FILE).read_text())
-    model = str(folder / config["decoder"]["filename"])
+    model = str(folder / (graph or config["decoder"]["filename"]))
     context, head_dim = config["context_length"], config["decoder"]["head_size"]
     threads = threads or reference["threads"]
-    result = {"device": describe_machine(), "export": folder.name, "provider": provider, "threads": threads}
+    result = {"device": describe_machine(), "export": folder.name, "graph": Path(model).name, "provider": provider,
+              "threads": threads}
     if not parity_only:  # first, while this process's peak memory is still its baseline
         result["measurement"] = measure(model, provider, threads, reference["prefill_tokens"], context, runs,
                                         head_dim)
@@ -257,7 +260,9 @@ def check_export(folder: Path, provider: str, threads: int | None, runs: int, pa
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("target", help="an export folder (on-device benchmark) or one .onnx file")
+    parser.add_argument("target", help="an export folder (on-device benchmark) or one .onnx or .ort file")
+    parser.add_argument("--graph", default=None, help="with a folder: the graph file in it to run (e.g. model.ort); "
+                        "default: the decoder genai_config.json names")
     parser.add_argument("--provider", default=CPU)
     parser.add_argument("--threads", type=int, default=None, help="default: the threads the export was made for")
     parser.add_argument("--prefill-tokens", type=int, default=None, help="with a .onnx file")
@@ -271,9 +276,9 @@ def main(argv: list[str] | None = None) -> None:
     if target.is_dir():
         if not (target / REFERENCE_FILE).exists():
             parser.error(f"{target}: no {REFERENCE_FILE}; give an edgeslim export folder")
-        result = check_export(target, args.provider, args.threads, args.runs, args.parity_only)
+        result = check_export(target, args.provider, args.threads, args.runs, args.parity_only, args.graph)
     elif None in (args.threads, args.prefill_tokens, args.context):
-        parser.error("with a .onnx file, give --threads, --prefill-tokens and --context")
+        parser.error("with a graph file, give --threads, --prefill-tokens and --context")
     else:
         result = measure(args.target, args.provider, args.threads, args.prefill_tokens,
                          args.context, args.runs, args.head_dim)

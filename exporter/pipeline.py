@@ -45,12 +45,14 @@ from exporter.factorize import factorize_
 from exporter.generate import OnnxDecoder, TorchDecoder
 from exporter.grading import EvalTask, parse_eval_spec
 from exporter.measure import write_reference
+from exporter.mobile import package as package_ort
 from exporter.models import LoadedModel, cache_dir, describe, lm_head_name, load_model
 from exporter.output import Staging, check_destination, failed_path
 from exporter.profile import load_profile
+from exporter.providers import assess_file
 from exporter.quality import heldout_tokens, measure_quality, reference_graph
 from exporter.quantize import apply_, quantize_model
-from exporter.report import budget_checks, failure_lines, print_summary, write_report
+from exporter.report import budget_checks, failure_lines, ort_failures, print_summary, write_report
 from exporter.report_html import write_html
 from exporter.select import SelectionMethod, get_method
 from exporter.sensitivity import layer_costs, output_fisher
@@ -85,6 +87,7 @@ class RunConfig:
     max_new_tokens: int = 256  # per completion, for --eval
     max_ppl_ratio: float | None = None  # quality gate; None: the profile's (default 1.25)
     quality_tokens: int = 2048  # held-out tokens the quality of what ships is measured on
+    ort: bool = False  # also ship model.ort and its operator config for a minimal mobile runtime (exporter.mobile)
 
 
 def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
@@ -152,8 +155,10 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
             evaluations = _evaluate(config, evaluation_tasks, loaded.model, built.mirror, artifact, loaded.tokenizer,
                                     threads, progress) if evaluation_tasks else ()
             artifact = _remove_validation_graphs(artifact)
+            ort_package = _stage(progress, "packaging in the ORT format", None, lambda _: package_ort(
+                Path(artifact.model_file), staging, threads)) if config.ort else None
             checks = budget_checks(profile, rank_plan, artifact, measurement)
-            failures = failure_lines(built.parity, checks, quality, rank_plan)
+            failures = failure_lines(built.parity, checks, quality, rank_plan) + ort_failures(ort_package, profile)
             result = RunResult(
                 model=loaded.source, task=task.name, method=method.name, profile=profile, plan=rank_plan,
                 layers=built.layers, artifact=replace(artifact, folder=str(destination)), parity=tuple(built.parity),
@@ -161,6 +166,7 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
                 measurement=measurement, host=host, host_predicted=host_predicted, checks=checks,
                 passed=not failures, failures=failures, spectra=built.spectra, evaluations=evaluations,
                 quality=quality, stage_seconds=_stage_seconds(progress),
+                providers=assess_file(artifact.model_file, profile.execution_providers), ort_package=ort_package,
             )
             (staging / "plan.json").write_text(to_json(rank_plan))
             write_report(result, staging)

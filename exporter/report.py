@@ -21,6 +21,7 @@ from exporter.contracts import (
     Evaluation,
     Measurement,
     OnnxArtifact,
+    OrtPackage,
     ParityResult,
     Prediction,
     Quality,
@@ -28,6 +29,7 @@ from exporter.contracts import (
     RunResult,
     to_json,
 )
+from exporter.providers import plan_notes
 
 
 def budget_checks(
@@ -62,6 +64,21 @@ def failure_lines(parity: list[ParityResult], checks: tuple[BudgetCheck, ...], q
               f"({c.judged_on}) > budget {c.budget:g} {c.unit}" for c in checks if not c.passed]
     if quality is not None and not quality.passed:
         lines.append(quality_failure(quality, plan))
+    return tuple(lines)
+
+
+def ort_failures(package: OrtPackage | None, profile: DeviceProfile) -> tuple[str, ...]:
+    """`export --ort`: the ORT file must reproduce the .onnx's greedy tokens and fit the memory budget too."""
+    if package is None:
+        return ()
+    lines = []
+    if not package.tokens_identical:
+        lines.append(f"ORT format: greedy tokens differ from the .onnx's after {package.same_prefix} of "
+                     f"{package.greedy_steps}")
+    peak = package.measurement.peak_memory_bytes / MIB
+    if peak > profile.memory_budget_mib:
+        lines.append(f"ORT format: peak memory {peak:.1f} MiB (measured) > budget {profile.memory_budget_mib:g} MiB "
+                     "(onnxruntime reads an .ort file's weights into memory, where it maps the .onnx's data file)")
     return tuple(lines)
 
 
@@ -166,8 +183,19 @@ def print_summary(result: RunResult, console: Console) -> None:
     if result.quantization_top1_agreement is not None:
         console.print(f"{result.profile.precision} weights agree with their fp32 values on the next token at "
                       f"{result.quantization_top1_agreement:.1%} of prompt positions")
-    for provider in result.providers_not_available:
-        console.print(f"{provider}: not available here (this onnxruntime offers {', '.join(_available())})")
+    for note in plan_notes(result.profile):
+        console.print(f"note: {note}")
+    for fit in result.providers:
+        if fit.provider in result.providers_not_available:
+            console.print(f"{fit.provider}: not available here (this onnxruntime offers {', '.join(_available())}); "
+                          f"on the device it {fit.summary}")
+    if result.ort_package is not None:
+        package = result.ort_package
+        console.print(f"ORT format: {package.model_file} ({package.model_bytes / 1e6:.1f} MB) and "
+                      f"{package.operators_file} ({len(package.operator_lines)} operator lines for a minimal build); "
+                      f"greedy tokens {'identical' if package.tokens_identical else 'DIFFERENT'}, peak "
+                      f"{package.measurement.peak_memory_bytes / MIB:.1f} MiB, decode "
+                      f"{package.measurement.decode_ms_per_token:.1f} ms/token")
     check = latency_model_check(result.host_predicted, result.measurement)
     console.print(
         f"latency model on this machine: measured/predicted decode {check['decode_measured_over_predicted']}, "

@@ -72,6 +72,7 @@ def render(report: dict, evaluations: list[dict]) -> str:
                   "the dashed line is where the layer was cut.</p>",
                   _figure(_spectra_figure(report["spectra"])), "</section>"]
     parts += ["<section id='parity'><h2>Parity in onnxruntime</h2>", _parity_table(report), "</section>"]
+    parts += _providers(report)
     for index, evaluation in enumerate(evaluations):
         parts += [f"<section id='evaluation-{index}' class='evaluation'><h2>Task metrics: {_e(evaluation['task'])}"
                   f"</h2>", _evaluation(evaluation), "</section>"]
@@ -113,6 +114,27 @@ def _quality(quality: dict | None, precision: str) -> list[str]:
             f"same as the dense {_e(precision)} model's at {quality['top1_vs_reference']:.1%} of positions, KL "
             f"{quality['kl_vs_reference']:.3f} nats/token.</p>")
     return ["<section id='quality'><h2>Quality of what ships</h2>", text, _figure(figure), "</section>"]
+
+
+def _providers(report: dict) -> list[str]:
+    """What each execution provider could run of the graph, and the ORT-format package where one was made."""
+    rows = "".join(
+        f"<tr><td>{_e(f['provider'])}</td><td>{'yes' if f['installed'] else 'no'}</td>"
+        f"<td>{f['supported_nodes'] if f['known'] else ''} / {f['nodes']}</td><td>{_e(f['summary'])}</td></tr>"
+        for f in report.get("providers", []))
+    parts = ["<section id='providers'><h2>Execution providers</h2><p>By operator type, from each provider's "
+             "operator list (exporter.providers); nodes a provider cannot take run on the CPU provider.</p>",
+             "<table><tr><th>provider</th><th>installed here</th><th>nodes it could take</th><th>what that means"
+             f"</th></tr>{rows}</table>"]
+    package = report.get("ort_package")
+    if package:
+        m = package["measurement"]
+        parts.append(f"<p>ORT format: {_e(package['model_file'])} ({package['model_bytes'] / 1e6:.1f} MB) with "
+                     f"{_e(package['operators_file'])} for a minimal build; greedy tokens "
+                     f"{'identical to' if package['tokens_identical'] else 'DIFFERENT from'} the .onnx's; peak "
+                     f"{m['peak_memory_bytes'] / 2**20:.1f} MiB, decode {m['decode_ms_per_token']:.1f} ms/token, "
+                     f"prefill {m['prefill_ms']:.0f} ms (measured here).</p>")
+    return [*parts, "</section>"]
 
 
 def _budget_figure(checks: list[dict]):

@@ -24,11 +24,12 @@ SCRIPT = ROOT / "scripts" / "bench_on_device.py"
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, trained_model_dir) -> tuple[Path, Path]:
-    """(export folder, the profile it was made for): a trained tiny Llama, factorized by the profile's budget."""
+    """(export folder, the profile it was made for): a trained tiny Llama, factorized by the profile's budget, with
+    the ORT-format package (the profile lists XNNPACK, which the int4 graph cannot use)."""
     work = tmp_path_factory.mktemp("on-device")
     profile = write_profile(work / "p.yaml")
     run(RunConfig(device=str(profile), model=str(trained_model_dir), out=str(work / "out"), parity_prompts=1,
-                  use_cache=False, max_ppl_ratio=10.0))
+                  use_cache=False, max_ppl_ratio=10.0, ort=True))
     return work / "out", profile
 
 
@@ -50,6 +51,45 @@ def test_bench_on_device_reproduces_the_exports_tokens_and_names_where_ops_ran(e
     placed = result["placement"]["CPUExecutionProvider"]  # the graph as onnxruntime optimized it: shape ops fold
     for fused in ("MatMulNBits", "GroupQueryAttention", "GatherBlockQuantized"):
         assert placed[fused] == sum(node.op_type == fused for node in graph.node)
+
+
+def test_ort_package_runs_the_same_tokens_with_a_minimal_operator_list(exported, tmp_path):
+    folder, _ = exported
+    package = json.loads((folder / "report.json").read_text())["ort_package"]
+    assert package["tokens_identical"] and package["greedy_steps"] > 0
+    assert package["measurement"]["peak_memory_bytes"] > 0
+    config = (folder / package["operators_file"]).read_text()
+    assert "com.microsoft;1;" in config and "MatMulNBits" in config and "GroupQueryAttention" in config
+    assert "Conv" not in config  # only what this graph uses: the reduced build leaves every other kernel out
+    result = bench([sys.executable], folder, tmp_path / "r.json", "--graph", "model.ort", "--parity-only")
+    assert result["graph"] == "model.ort" and result["parity"]["identical"], result["parity"]
+    assert list(result["placement"]) == ["CPUExecutionProvider"]
+
+
+def test_report_says_what_each_provider_could_run(exported):
+    folder, _ = exported
+    report = json.loads((folder / "report.json").read_text())
+    fits = {fit["provider"]: fit for fit in report["providers"]}
+    graph = onnx.load(folder / "model.onnx", load_external_data=False).graph
+    assert fits["CPUExecutionProvider"]["supported_nodes"] == len(graph.node)
+    xnnpack = fits["XnnpackExecutionProvider"]  # listed by the profile, not installed here
+    assert not xnnpack["installed"] and xnnpack["known"] and xnnpack["supported_nodes"] == 0
+    for provider in ("NnapiExecutionProvider", "CoreMLExecutionProvider", "QNNExecutionProvider"):
+        fit = fits[provider]  # not listed: assessed anyway, from onnxruntime's own operator lists
+        assert 0 < fit["supported_nodes"] < fit["nodes"]
+        assert "com.microsoft:MatMulNBits" in fit["unsupported_operators"]
+
+
+def test_plan_says_when_a_listed_provider_cannot_run_the_graph(exported, trained_model_dir):
+    _, profile = exported  # lists XNNPACK, whose operators include neither MatMulNBits nor GroupQueryAttention
+    done = CliRunner().invoke(main, ["plan", "--device", str(profile), "--model", str(trained_model_dir)])
+    assert done.exit_code == 0, done.output
+    assert "XnnpackExecutionProvider has no MatMulNBits or GroupQueryAttention" in done.output
+    from exporter.profile import load_profile
+    from exporter.providers import plan_notes
+
+    for shipped in sorted((ROOT / "device_profiles").glob("*.yaml")):  # the defaults name what really runs
+        assert plan_notes(load_profile(shipped)) == (), shipped.name
 
 
 def test_calibrate_fits_the_profile_to_the_device_and_keeps_the_old_one(exported, tmp_path):
