@@ -38,7 +38,9 @@ def convert(model_file: Path, folder: Path) -> tuple[Path, Path]:
         converted = Path(work) / model_file.with_suffix(".ort").name
         config = next(Path(work).glob("*.config"))
         shutil.move(converted, folder / ORT_FILE)
-        shutil.move(config, folder / OPERATORS_FILE)
+        lines = [f"# - {ORT_FILE}" if line.startswith("# - ") else line  # not the temporary folder's path
+                 for line in config.read_text().splitlines()]
+        (folder / OPERATORS_FILE).write_text("\n".join(lines) + "\n")
     return folder / ORT_FILE, folder / OPERATORS_FILE
 
 
