@@ -31,6 +31,7 @@ from exporter.tasks import Task
 
 HELDOUT_TOKENS = 2048
 WINDOW = 512
+ROWS = 64  # positions whose log-probabilities are held at once
 
 
 def heldout_tokens(task: Task, tokenizer: PreTrainedTokenizerBase, root: Path,
@@ -80,17 +81,20 @@ def measure_quality(
     tokens) and with the dense fp32 model in PyTorch."""
     shipped, reference = (session(f, "CPUExecutionProvider", threads) for f in (shipped_file, reference_file))
     scores, dense_nll = _Scores(), 0.0
-    pairs = zip(window_log_probs(shipped, ids, window), window_log_probs(reference, ids, window), strict=True)
-    for start, ((log_p, targets), (log_r, _)) in zip(range(0, len(ids), window), pairs, strict=False):
-        rows = np.arange(len(targets))
-        scores.nll -= float(log_p[rows, targets].sum())
-        scores.reference_nll -= float(log_r[rows, targets].sum())
-        scores.same += int((log_p.argmax(-1) == log_r.argmax(-1)).sum())
-        scores.kl += float((np.exp(log_r) * (log_r - log_p)).sum())
-        scores.count += len(targets)
+    pairs = zip(window_logits(shipped, ids, window), window_logits(reference, ids, window), strict=True)
+    for (start, shipped_logits, targets), (_, reference_logits, _) in pairs:
         with torch.no_grad():
-            logits = dense(input_ids=torch.tensor([ids[start:start + window]])).logits[0, :-1]
-        dense_nll -= float(torch.log_softmax(logits.double(), -1)[rows, targets].sum())
+            dense_logits = dense(input_ids=torch.tensor([ids[start:start + window]])).logits[0, :-1].numpy()
+        blocks = zip(log_softmax_rows(shipped_logits), log_softmax_rows(reference_logits),
+                     log_softmax_rows(dense_logits), strict=True)
+        for (rows, log_p), (_, log_r), (_, log_d) in blocks:
+            picked, index = targets[rows], np.arange(len(targets[rows]))
+            scores.nll -= float(log_p[index, picked].sum())
+            scores.reference_nll -= float(log_r[index, picked].sum())
+            dense_nll -= float(log_d[index, picked].sum())
+            scores.same += int((log_p.argmax(-1) == log_r.argmax(-1)).sum())
+            scores.kl += float((np.exp(log_r) * (log_r - log_p)).sum())
+        scores.count += len(targets)
     count = max(scores.count, 1)
     perplexity, reference_perplexity = math.exp(scores.nll / count), math.exp(scores.reference_nll / count)
     ratio = perplexity / reference_perplexity
@@ -103,9 +107,9 @@ def measure_quality(
     )
 
 
-def window_log_probs(sess: ort.InferenceSession, ids: list[int], window: int,
-                     head_dim: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Per window of `ids`: (log-probabilities (len - 1, vocab) float64, the tokens they predict), from a graph
+def window_logits(sess: ort.InferenceSession, ids: list[int], window: int,
+                  head_dim: int | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Per window of `ids`: (its first position, logits (len - 1, vocab), the tokens they predict), from a graph
     that returns every position's logits (`head_dim` for graphs that leave it symbolic)."""
     layout = kv_layout(sess, head_dim)
     for start in range(0, len(ids) - 1, window):
@@ -113,5 +117,13 @@ def window_log_probs(sess: ort.InferenceSession, ids: list[int], window: int,
         if len(piece) < 2:
             break
         logits = sess.run(["logits"], feed(np.array([piece], dtype=np.int64), layout.empty(), 0))[0][0, :-1]
-        shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
-        yield shifted - np.log(np.exp(shifted).sum(-1, keepdims=True)), np.array(piece[1:])
+        yield start, logits, np.array(piece[1:])
+
+
+def log_softmax_rows(logits: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
+    """Float64 log-probabilities of `logits`, `ROWS` positions at a time: a whole window at once would be 0.6 GB
+    per array at a 150k-token vocabulary (Qwen2, Llama 3), several times over."""
+    for first in range(0, len(logits), ROWS):
+        block = logits[first:first + ROWS].astype(np.float64)
+        block -= block.max(-1, keepdims=True)
+        yield slice(first, first + ROWS), block - np.log(np.exp(block).sum(-1, keepdims=True))

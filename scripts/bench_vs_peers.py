@@ -54,7 +54,7 @@ from exporter.models import (
 )
 from exporter.plan import layers_at, predict_for_device
 from exporter.profile import load_profile, shipped_profiles
-from exporter.quality import heldout_tokens, window_log_probs
+from exporter.quality import heldout_tokens, log_softmax_rows, window_logits
 from exporter.quantize import quantize_model
 from exporter.select import get_method
 from exporter.tasks import data_dir, get_task
@@ -89,8 +89,9 @@ def export(profile: Path, task: str, out: Path) -> tuple[float, dict]:
 def perplexity(model_file: str, ids: list[int], window: int, head_dim: int) -> float:
     sess = session(model_file, "CPUExecutionProvider", os.cpu_count() or 1)
     nll = count = 0.0
-    for log_probs, targets in window_log_probs(sess, ids, window, head_dim):
-        nll -= float(log_probs[np.arange(len(targets)), targets].sum())
+    for _, logits, targets in window_logits(sess, ids, window, head_dim):
+        for rows, log_probs in log_softmax_rows(logits):
+            nll -= float(log_probs[np.arange(len(targets[rows])), targets[rows]].sum())
         count += len(targets)
     return float(np.exp(nll / count))
 
