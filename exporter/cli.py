@@ -132,6 +132,7 @@ def export(**options):
 @_one_line_errors
 def plan(as_json, **options):
     """Plan per-layer ranks for a device, without compressing anything."""
+    from exporter.footprint import export_footprint
     from exporter.pipeline import plan_only
     from exporter.profile import load_profile
     from exporter.providers import plan_notes
@@ -159,6 +160,9 @@ def plan(as_json, **options):
                f"MiB, decode {p.decode_ms_per_token:.1f} ms/token, prefill {p.prefill_ms:.0f} ms")
     for note in plan_notes(load_profile(options["device"])):
         click.echo(f"note: {note}")
+    needed = export_footprint(loaded.model)
+    click.echo(f"exporting it needs about {needed.peak_bytes / 1e9:.1f} GB of memory and {needed.seconds / 60:.1f} min "
+               "(predicted from a 2-core machine's; README, \"Scale\")")
 
 
 @main.command(name="eval")

@@ -329,6 +329,7 @@ class RunResult:
     evaluations: tuple[Evaluation, ...] = ()  # with `export --eval`, one per task
     quality: Quality | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage, where a run's time goes
+    stage_peak_mib: dict[str, float] = field(default_factory=dict)  # peak resident memory of the run in each stage
     providers: tuple[ProviderFit, ...] = ()  # what each listed (and each mobile) provider could run of the graph
     ort_package: OrtPackage | None = None  # with `export --ort`
 

@@ -42,6 +42,7 @@ from exporter.errors import UsageError, ValidationFailed
 from exporter.evaluate import evaluate
 from exporter.export import export_model
 from exporter.factorize import factorize_
+from exporter.footprint import RssSampler, check_fits
 from exporter.generate import OnnxDecoder, TorchDecoder
 from exporter.grading import EvalTask, parse_eval_spec
 from exporter.measure import write_reference
@@ -103,7 +104,10 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
     task, method, evaluation_tasks = _check_choices(config)
     torch.manual_seed(config.seed)
 
-    with _progress(console) as progress:
+    folder = Path(config.model or "").expanduser()
+    if config.model and (folder / "config.json").is_file():  # a checkpoint too big for this machine: refused now
+        check_fits(folder, config.model, config.trust_remote_code)
+    with _progress(console) as progress, RssSampler() as rss:
         stage = progress.add_task("loading model", total=None)
         loaded = load_model(config.model, allow_pickle=config.allow_pickle,
                             trust_remote_code=config.trust_remote_code)
@@ -165,7 +169,7 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
                 providers_not_available=tuple(built.missing), quantization_top1_agreement=built.agreement,
                 measurement=measurement, host=host, host_predicted=host_predicted, checks=checks,
                 passed=not failures, failures=failures, spectra=built.spectra, evaluations=evaluations,
-                quality=quality, stage_seconds=_stage_seconds(progress),
+                quality=quality, stage_seconds=_stage_seconds(progress), stage_peak_mib=_stage_peaks(progress, rss),
                 providers=assess_file(artifact.model_file, profile.execution_providers), ort_package=ort_package,
             )
             (staging / "plan.json").write_text(to_json(rank_plan))
@@ -195,7 +199,9 @@ class _Built:
 
 def _build(loaded, spec, profile, rank_plan, method, stats, data, prompts, threads, staging, progress) -> _Built:
     """select -> factorize -> quantize -> export -> validate parity -> measure, on a copy of the dense model."""
-    model = copy.deepcopy(loaded.model)  # loaded.model stays dense: the reference what ships is judged by
+    # loaded.model stays dense: the reference what ships is judged by; a dense plan changes no weight, so needs no copy
+    compresses = bool(rank_plan.factorized or rank_plan.vocabulary)
+    model = copy.deepcopy(loaded.model) if compresses else loaded.model
     spectra = _spectra(model, rank_plan, method, stats)
     with _single_thread():  # SVD on 2 threads of a busy machine can be 40x slower than on one
         layers = ()
@@ -427,9 +433,22 @@ def _stage_seconds(progress: Progress) -> dict[str, float]:
     """Wall time of each stage, for report.json; a stage run twice (a second plan) counts both times."""
     seconds: dict[str, float] = {}
     for task in progress.tasks:
-        took = task.finished_time if task.finished else task.elapsed
-        seconds[task.description] = round(seconds.get(task.description, 0.0) + (took or 0.0), 2)
+        seconds[task.description] = round(seconds.get(task.description, 0.0) + _took(task), 2)
     return seconds
+
+
+def _stage_peaks(progress: Progress, rss: RssSampler) -> dict[str, float]:
+    """Peak resident MiB of this process during each stage (report.json): where a run's memory goes."""
+    peaks: dict[str, float] = {}
+    for task in progress.tasks:
+        peak = rss.peak_between(task.start_time or 0.0, (task.start_time or 0.0) + _took(task))
+        if peak is not None:
+            peaks[task.description] = round(max(peaks.get(task.description, 0.0), peak / MIB), 1)
+    return peaks
+
+
+def _took(task) -> float:
+    return (task.finished_time if task.finished else task.elapsed) or 0.0
 
 
 @contextmanager

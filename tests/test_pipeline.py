@@ -44,6 +44,8 @@ def test_export_validates_each_precision(tmp_path, tiny_model_dir, precision):
     assert all(p["passed"] for p in report["parity"] if p["gated"])
     assert "reference fp32" in gated
     assert report["stage_seconds"]["building the ONNX graph"] > 0  # where the run's time went
+    peaks = report["stage_peak_mib"]  # and its memory (torch and onnxruntime alone are a few hundred MiB)
+    assert peaks and set(peaks) <= set(report["stage_seconds"]) and max(peaks.values()) > 100
     if precision != "fp32":
         assert f"{precision} weights, exact compute" in gated
         assert f"shipped {precision}" in {p["graph"] for p in report["parity"] if not p["gated"]}

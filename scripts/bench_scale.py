@@ -1,0 +1,117 @@
+"""Benchmark: how an export's peak memory and time on this machine grow with the model's size.
+
+Synthetic Llama-shaped checkpoints (random weights, safetensors in bf16 as published checkpoints are, the default
+model's tokenizer) with the widths and vocabularies of real models and a few decoder blocks each; every one is
+exported by the real command in a fresh process (`edgeslim export`, int4, a budget it fits dense, so every stage
+runs: load, activations, GPTQ, graph, parity, measurement, held-out quality) and its peak resident memory (the
+process and its helpers, wait4's ru_maxrss) and wall time are recorded next to what the pipeline's memory model
+(exporter.footprint) predicted. One shape is also run at twice the blocks, to show how the peak grows per block.
+
+    python scripts/bench_scale.py [--shapes smollm2-135m,qwen2-0.5b,llama-3.2-1b,llama-3.2-3b,llama-2-7b]
+                                  [--layers 2] [--out scripts/results/bench_scale.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from exporter.footprint import checkpoint_footprint
+from exporter.models import default_gguf, gguf_to_safetensors
+
+GB = 1e9
+RESULTS = Path(__file__).resolve().parent / "results"
+# name: hidden, intermediate, attention heads, KV heads, vocabulary, tied embeddings, blocks in the real model
+SHAPES = {
+    "smollm2-135m": (576, 1536, 9, 3, 49152, True, 30),
+    "qwen2-0.5b": (896, 4864, 14, 2, 151936, True, 24),
+    "llama-3.2-1b": (2048, 8192, 32, 8, 128256, True, 16),
+    "llama-3.2-3b": (3072, 8192, 24, 8, 128256, True, 28),
+    "llama-2-7b": (4096, 11008, 32, 32, 32000, False, 32),
+}
+PROFILE = {
+    "name": "bench-scale", "description": "a budget every shape fits dense: the export's own cost is measured",
+    "execution_providers": ["CPUExecutionProvider"], "threads": 2, "precision": "int4", "context_length": 256,
+    "memory_budget_mib": 1 << 20, "latency": {"decode_ms_per_token": 1e6, "prefill_ms": 1e7, "prefill_tokens": 64},
+    "hardware": {"memory_bandwidth_gbps": 10, "compute_gflops": 50}, "quality": {"max_ppl_ratio": 10},
+}
+
+
+def synthetic(name: str, layers: int, folder: Path) -> Path:
+    """A random checkpoint of `name`'s shape with `layers` blocks, written as a Hugging Face folder."""
+    hidden, intermediate, heads, kv_heads, vocab, tied, _ = SHAPES[name]
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, vocab_size=vocab, tie_word_embeddings=tied,
+                         num_hidden_layers=layers, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+    model = model.to_empty(device="cpu")
+    for parameter in model.parameters():  # a plain random init: fast at 7B widths, and no NaNs from empty memory
+        torch.nn.init.normal_(parameter, std=0.02) if parameter.dim() > 1 else torch.nn.init.ones_(parameter)
+    target = folder / f"{name}-{layers}"
+    model.save_pretrained(target)
+    tokenizer_files = gguf_to_safetensors(default_gguf())[0]
+    for file in tokenizer_files.glob("*"):
+        if "token" in file.name or file.name.endswith(".jinja"):
+            shutil.copy(file, target / file.name)
+    return target
+
+
+def export(model: Path, profile: Path, out: Path) -> tuple[float, float]:
+    """(peak resident GB of the export and its helper processes, wall seconds)."""
+    start = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "exporter.cli", "export", "--device", str(profile), "--model",
+                                str(model), "--out", str(out), "--no-cache"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"export of {model.name} failed: {process.stderr.read().decode()[-2000:]}")
+    return usage.ru_maxrss * 1024 / GB, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--out", default=str(RESULTS / "bench_scale.md"))
+    args = parser.parse_args()
+    runs = [(name, args.layers) for name in args.shapes.split(",")]
+    runs.insert(1, (runs[0][0], 2 * args.layers))  # the same shape at twice the blocks: the per-block growth
+    lines = [f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+             f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / GB:.0f} GB; torch {torch.__version__}",
+             "", "| shape | blocks | parameters | fp32 GB | peak GB (measured) | peak GB (predicted) | peak / fp32 | "
+             "export s | predicted s |", "|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as work:
+        profile = Path(work) / "profile.yaml"
+        profile.write_text(yaml.safe_dump(PROFILE))
+        for name, layers in runs:
+            model = synthetic(name, layers, Path(work))
+            predicted = checkpoint_footprint(model)
+            peak, seconds = export(model, profile, Path(work) / f"out-{name}-{layers}")
+            parameters = predicted.parameters
+            row = (f"| {name} | {layers} | {parameters / 1e9:.2f} B | {4 * parameters / GB:.2f} | {peak:.2f} | "
+                   f"{predicted.peak_bytes / GB:.2f} | {peak / (4 * parameters / GB):.1f} | {seconds:.0f} | "
+                   f"{predicted.seconds:.0f} |")
+            lines.append(row)
+            print(row, flush=True)
+            shutil.rmtree(model)
+            shutil.rmtree(Path(work) / f"out-{name}-{layers}")
+    Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

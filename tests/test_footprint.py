@@ -1,0 +1,32 @@
+"""The export's own memory and time, predicted before loading: a checkpoint too big for this machine is refused."""
+
+from __future__ import annotations
+
+import pytest
+from test_pipeline import write_profile
+
+from exporter import footprint
+from exporter.errors import UsageError
+from exporter.pipeline import RunConfig, run
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"], indirect=True)
+def test_footprint_is_read_from_the_config_alone(tiny_model_dir, tiny_model):
+    predicted = footprint.checkpoint_footprint(tiny_model_dir)
+    assert predicted.parameters == sum(p.numel() for p in tiny_model.parameters())
+    assert predicted.peak_bytes == pytest.approx(footprint.BASE_BYTES + footprint.FP32_COPIES * 4 *
+                                                 predicted.parameters)
+    assert predicted.seconds > footprint.BASE_SECONDS
+
+
+@pytest.mark.parametrize("arch", ["llama"], indirect=True)
+def test_export_that_would_not_fit_this_machine_is_refused_before_loading(tmp_path, tiny_model_dir, monkeypatch):
+    needed = footprint.checkpoint_footprint(tiny_model_dir).peak_bytes
+    monkeypatch.setattr(footprint, "available_bytes", lambda: int(needed / 2))
+    monkeypatch.setattr("exporter.pipeline.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "out"
+    with pytest.raises(UsageError, match=r"needs about .* GB here .* available"):
+        run(RunConfig(device=str(write_profile(tmp_path / "p.yaml")), model=str(tiny_model_dir), out=str(out)))
+    assert not out.exists()
+    monkeypatch.setenv(footprint.SKIP_CHECK, "1")  # the user's override
+    footprint.check_fits(tiny_model_dir, str(tiny_model_dir))
