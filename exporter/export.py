@@ -14,7 +14,6 @@ budget lacks. Validation needs three more graphs, written beside it and removed 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import onnx
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from exporter.contracts import ModelSpec, OnnxArtifact
+from exporter.datafile import DataFile
 from exporter.graph import GraphOptions, all_positions, build_decoder
 from exporter.quantize import Int4Matrix
 
@@ -29,39 +29,26 @@ MODEL_FILE = "model.onnx"
 REFERENCE_FILE = "reference-fp32.onnx"
 EXACT_FILE = "exact-int4.onnx"
 ALL_POSITIONS_FILE = "all-positions.onnx"
-EXTERNAL_THRESHOLD = 1024  # bytes: smaller tensors stay inside the graph file
-DATA_ALIGNMENT = 64  # bytes: each tensor in the data file starts at a multiple of this
 
 
-def save(proto: onnx.ModelProto, path: Path, alignment: int = DATA_ALIGNMENT) -> None:
-    """The graph in `<name>`, its weights in `<name>.data` beside it, always.
-
-    External data is required above protobuf's 2 GB, and it pays below too: onnxruntime maps the file instead of
-    parsing a second copy of every weight out of the protobuf. Tensors with identical bytes are stored once and
-    read from the same place (the embedding's int4 rows and the tied lm_head's), each tensor starting at a
-    multiple of `alignment` bytes. Mutates `proto`: its tensors then point into the data file, so variants of the
-    graph can be saved beside it that read the same file (`save_variant`).
-    """
-    data_name = path.name + ".data"
-    stored: dict[bytes, tuple[int, int]] = {}
-    with open(path.with_name(data_name), "wb") as data:
+def save(proto: onnx.ModelProto, path: Path) -> None:
+    """A graph built in memory: the graph in `<name>`, its weights in `<name>.data` beside it (exporter.datafile).
+    Mutates `proto`: its tensors then point into the data file, so variants of the graph can be saved beside it that
+    read the same file (`save_variant`)."""
+    with DataFile(path.with_name(path.name + ".data")) as data:
         for tensor in proto.graph.initializer:
-            raw = tensor.raw_data
-            if len(raw) < EXTERNAL_THRESHOLD:
-                continue
-            digest = hashlib.sha256(raw).digest()
-            if digest not in stored:
-                data.write(b"\0" * (-data.tell() % alignment))
-                stored[digest] = (data.tell(), len(raw))
-                data.write(raw)
-            offset, length = stored[digest]
-            tensor.ClearField("raw_data")
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            del tensor.external_data[:]
-            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
+            data.externalize(tensor)
     onnx.save_model(proto, str(path))
+
+
+def write_decoder(path: Path, model: PreTrainedModel, spec: ModelSpec, options: GraphOptions,
+                  quantized: dict[str, Int4Matrix] | None = None) -> onnx.ModelProto:
+    """build_decoder with every weight written into `<name>.data` as it is made, then the graph saved: the graph is
+    never held in memory with its weights."""
+    with DataFile(path.with_name(path.name + ".data")) as data:
+        proto = build_decoder(model, spec, options, quantized, data)
+    onnx.save_model(proto, str(path))
+    return proto
 
 
 def save_variant(proto: onnx.ModelProto, path: Path) -> None:
@@ -144,15 +131,14 @@ def export_model(
     `quantized` (exporter.quantize) holds the int4 weights when the precision is int4; `activations` is what its
     matmuls compute with (the plan's choice); `kv_cache` the cache's precision (the profile's)."""
     shipped_path = folder / MODEL_FILE
-    shipped = build_decoder(model, spec, GraphOptions(context_length, activations, kv_cache), quantized)
-    save(shipped, shipped_path)
+    shipped = write_decoder(shipped_path, model, spec, GraphOptions(context_length, activations, kv_cache), quantized)
     reference_path = exact_path = shipped_path
     if precision != "fp32":
         reference_path = folder / REFERENCE_FILE
-        save(build_decoder(model, spec, GraphOptions(context_length)), reference_path)
+        write_decoder(reference_path, model, spec, GraphOptions(context_length))
     if shipped_path != reference_path or kv_cache != "fp32":  # the shipped weights, computed in fp32 throughout
         exact_path = folder / EXACT_FILE
-        save(build_decoder(model, spec, GraphOptions(context_length), quantized), exact_path)
+        write_decoder(exact_path, model, spec, GraphOptions(context_length), quantized)
     save_variant(all_positions(shipped), folder / ALL_POSITIONS_FILE)
     tokenizer.save_pretrained(folder)
     model.config.to_json_file(folder / "config.json")  # optimum's ORTModelForCausalLM reads the folder's config

@@ -34,6 +34,7 @@ SKIP_CHECK = "EDGESLIM_SKIP_MEMORY_CHECK"
 @dataclass(frozen=True)
 class Footprint:
     parameters: int
+    gptq_flops: float
     peak_bytes: float
     seconds: float
 
@@ -43,7 +44,7 @@ def export_footprint(model: nn.Module) -> Footprint:
     parameters = sum(p.numel() for p in model.parameters())  # tied weights counted once
     gptq_flops = sum(m.in_features**3 + m.in_features**2 * m.out_features
                      for m in model.modules() if isinstance(m, nn.Linear))
-    return Footprint(parameters=parameters, peak_bytes=BASE_BYTES + FP32_COPIES * 4 * parameters,
+    return Footprint(parameters=parameters, gptq_flops=gptq_flops, peak_bytes=BASE_BYTES + FP32_COPIES * 4 * parameters,
                      seconds=BASE_SECONDS + SECONDS_PER_GFLOP * gptq_flops / 1e9)
 
 

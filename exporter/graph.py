@@ -31,6 +31,7 @@ from torch import nn
 
 from exporter.architectures import ArchSpec, arch_for
 from exporter.contracts import ModelSpec
+from exporter.datafile import DataFile
 from exporter.errors import UsageError
 from exporter.factorize import LowRankLinear
 from exporter.quantize import QUANT_BLOCK, Int4Matrix
@@ -71,7 +72,8 @@ class GraphOptions:
 class _Builder:
     """Accumulates nodes and initializers; every name is unique and says where it comes from."""
 
-    def __init__(self):
+    def __init__(self, data: DataFile | None = None):
+        self.data = data  # where weights go as they are made; None: inside the graph
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._constants: dict[tuple, str] = {}
@@ -83,7 +85,8 @@ class _Builder:
         return names
 
     def weight(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.ascontiguousarray(array)
+        self.initializers.append(self.data.tensor(name, array) if self.data else numpy_helper.from_array(array, name))
         return name
 
     def constant(self, values: list[int] | int) -> str:
@@ -158,10 +161,11 @@ class _Weights:
 
 
 def build_decoder(model: nn.Module, spec: ModelSpec, options: GraphOptions,
-                  quantized: dict[str, Int4Matrix] | None = None) -> onnx.ModelProto:
-    """The decoder as an ONNX model: fp32 weights from `model`, or int4 ones from `quantized` (exporter.quantize)."""
+                  quantized: dict[str, Int4Matrix] | None = None, data: DataFile | None = None) -> onnx.ModelProto:
+    """The decoder as an ONNX model: fp32 weights from `model`, or int4 ones from `quantized` (exporter.quantize);
+    with `data`, each weight is written there as it is made instead of being held in the graph."""
     arch = arch_for(spec.model_type)
-    b = _Builder()
+    b = _Builder(data)
     block_level, head_level = COMPUTE_MODES[options.activations]
     weights = _Weights(model, b, quantized, block_level)
     batch, sequence, total, past = "batch_size", "sequence_length", "total_sequence_length", "past_sequence_length"

@@ -23,8 +23,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from exporter.contracts import ModelSpec, Quality
-from exporter.export import save, save_variant
-from exporter.graph import GraphOptions, all_positions, build_decoder
+from exporter.export import save_variant, write_decoder
+from exporter.graph import GraphOptions, all_positions
 from exporter.measure import feed, kv_layout, session
 from exporter.quantize import quantize_model
 from exporter.tasks import Task
@@ -61,8 +61,7 @@ def reference_graph(dense: PreTrainedModel, spec: ModelSpec, precision: str, act
     graph's `activations`), all positions' logits."""
     folder.mkdir(parents=True, exist_ok=True)
     quantized = None if precision == "fp32" else quantize_model(dense)
-    graph = build_decoder(dense, spec, GraphOptions(window, activations, kv_cache), quantized)
-    save(graph, folder / "weights.onnx")
+    graph = write_decoder(folder / "weights.onnx", dense, spec, GraphOptions(window, activations, kv_cache), quantized)
     save_variant(all_positions(graph), folder / "all-positions.onnx")
     return folder / "all-positions.onnx"
 

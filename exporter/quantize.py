@@ -30,6 +30,7 @@ from exporter.vocabulary import PrunedHead
 QUANT_BLOCK = 32
 LEVELS = 15  # 4 bits: q in 0..15
 GPTQ_DAMPING = 0.01  # of the Gram matrix's mean diagonal, added for a stable inverse (the GPTQ paper's default)
+ROWS_AT_ONCE = 8192  # rows are rounded independently, so a few at a time: a 150k-row lm_head is 0.5 GB a copy
 
 
 @dataclass
@@ -104,6 +105,10 @@ def _padded_blocks(weight: torch.Tensor) -> torch.Tensor:
 def round_to_nearest(weight: torch.Tensor) -> Int4Matrix:
     """Every weight rounded alone to its block's grid, as onnxruntime's MatMulNBits quantizer does (C's roundf of
     x * (1 / scale) + zero, halves away from zero)."""
+    return _concat([_nearest(weight[first:first + ROWS_AT_ONCE]) for first in range(0, len(weight), ROWS_AT_ONCE)])
+
+
+def _nearest(weight: torch.Tensor) -> Int4Matrix:
     blocks = _padded_blocks(weight)
     scale, zero = _grid(blocks)
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
@@ -111,22 +116,30 @@ def round_to_nearest(weight: torch.Tensor) -> Int4Matrix:
     return _finish(q, scale, zero, weight.shape[1])
 
 
-def gptq(weight: torch.Tensor, gram: torch.Tensor) -> Int4Matrix:
+def gptq(weight: torch.Tensor, gram: torch.Tensor, rows_at_once: int = ROWS_AT_ONCE) -> Int4Matrix:
     """Error-compensating rounding on the same grid: minimises ||(W - Q) X||^2 for inputs with Gram matrix `gram`
     (X^T X / n, K x K). Input channels are rounded in order; each one's error, scaled by the inverse Hessian's
     Cholesky factor, is subtracted from the channels after it. A block's grid is fixed from the (already
-    compensated) weights when rounding reaches it, as GPTQ with groups does."""
-    rows, cols = weight.shape
-    w = weight.float().clone()
+    compensated) weights when rounding reaches it, as GPTQ with groups does. Rows never mix: they are rounded
+    `rows_at_once` at a time."""
+    cols = weight.shape[1]
     hessian = gram.double().clone()
     dead = hessian.diagonal() == 0  # inputs that are always zero: their weights do not matter
     hessian[dead, dead] = 1
-    w[:, dead] = 0
     hessian += GPTQ_DAMPING * float(hessian.diagonal().mean()) * torch.eye(cols, dtype=hessian.dtype)
     # the inverse in float64 (one factorisation); the column loop in float32, as the weights are
     inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True).float()
+    return _concat([_gptq_rows(weight[first:first + rows_at_once], inverse, dead)
+                    for first in range(0, len(weight), rows_at_once)])
+
+
+def _gptq_rows(weight: torch.Tensor, inverse: torch.Tensor, dead: torch.Tensor) -> Int4Matrix:
+    """GPTQ's column loop for some rows."""
+    rows, cols = weight.shape
+    w = weight.float().clone()
+    w[:, dead] = 0
     blocks = -(-cols // QUANT_BLOCK)
-    q = torch.zeros(rows, blocks * QUANT_BLOCK)
+    q = torch.zeros(rows, blocks * QUANT_BLOCK, dtype=torch.uint8)
     scales, zeros = torch.zeros(rows, blocks), torch.zeros(rows, blocks)
     for b in range(blocks):
         start, end = b * QUANT_BLOCK, min((b + 1) * QUANT_BLOCK, cols)
@@ -139,11 +152,19 @@ def gptq(weight: torch.Tensor, gram: torch.Tensor) -> Int4Matrix:
             level = torch.round(chunk[:, i] / safe + zero).clamp(0, LEVELS)
             error = (chunk[:, i] - (level - zero) * scale) / local[i, i]
             chunk[:, i:] -= error[:, None] * local[i, i:][None]
-            errors[:, i], q[:, start + i] = error, level
+            errors[:, i], q[:, start + i] = error, level.to(torch.uint8)
         w[:, end:] -= errors @ inverse[start:end, end:]
         if end - start < QUANT_BLOCK:  # padding holds the zero point: value 0
-            q[:, end:] = zero[:, None]
-    return Int4Matrix(q.to(torch.uint8), scales.float(), zeros.to(torch.uint8), cols)
+            q[:, end:] = zero[:, None].to(torch.uint8)
+    return Int4Matrix(q, scales.float(), zeros.to(torch.uint8), cols)
+
+
+def _concat(parts: list[Int4Matrix]) -> Int4Matrix:
+    """Row pieces of one matrix, rounded apart, as one."""
+    if len(parts) == 1:
+        return parts[0]
+    return Int4Matrix(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
+                      torch.cat([p.zero for p in parts]), parts[0].k)
 
 
 def quantize_model(model: nn.Module, stats: dict | None = None) -> dict[str, Int4Matrix]:

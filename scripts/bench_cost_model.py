@@ -21,8 +21,8 @@ from pathlib import Path
 from bench_graph import factorized
 
 from exporter.contracts import MIB
-from exporter.export import artifact_bytes, save
-from exporter.graph import GraphOptions, build_decoder
+from exporter.export import artifact_bytes, write_decoder
+from exporter.graph import GraphOptions
 from exporter.models import describe, load_model
 from exporter.plan import predict
 from exporter.validate import host_figures, measure_session
@@ -54,8 +54,7 @@ def main() -> None:
             for kv in args.kv.split(","):
                 with tempfile.TemporaryDirectory() as folder:
                     path = Path(folder) / "model.onnx"
-                    save(build_decoder(model, spec, GraphOptions(max(c for c, _ in contexts), mode, kv), quantized),
-                         path)
+                    write_decoder(path, model, spec, GraphOptions(max(c for c, _ in contexts), mode, kv), quantized)
                     for context, prompt in contexts:
                         measured = measure_session(str(path), "CPUExecutionProvider", args.threads, prompt, context)
                         predicted = predict(spec, layers, precision="int4", context_length=context,

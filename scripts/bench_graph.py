@@ -30,9 +30,9 @@ import torch
 from bench_vs_peers import PROMPT, RESULTS, ROUNDS, build_peer, peak_memory, speed
 
 from exporter.contracts import MIB, RankPlan
-from exporter.export import artifact_bytes, save
+from exporter.export import artifact_bytes, write_decoder
 from exporter.factorize import factorize_
-from exporter.graph import GraphOptions, build_decoder
+from exporter.graph import GraphOptions
 from exporter.models import default_gguf, describe, gguf_to_safetensors, load_model
 from exporter.plan import layers_at, predict
 from exporter.quantize import quantize_model
@@ -82,7 +82,7 @@ def main() -> None:
         path.parent.mkdir()
         model, layers, quantized = factorized(loaded, spec, keep)
         start = time.perf_counter()
-        save(build_decoder(model, spec, options, quantized), path)
+        write_decoder(path, model, spec, options, quantized)
         seconds = time.perf_counter() - start
         name = "edgeslim, dense int4" if keep >= 1 else f"edgeslim, projections factorized at {keep:.0%}"
         rows.append(dict(name=name, file=path, seconds=seconds, layers=layers))

@@ -1,7 +1,7 @@
 """Benchmark: how an export's peak memory and time on this machine grow with the model's size.
 
-Synthetic Llama-shaped checkpoints (random weights, safetensors in bf16 as published checkpoints are, the default
-model's tokenizer) with the widths and vocabularies of real models and a few decoder blocks each; every one is
+Synthetic Llama-shaped checkpoints (random weights, safetensors in bf16 as published checkpoints are, a small BPE
+tokenizer) with the widths and vocabularies of real models and a few decoder blocks each; every one is
 exported by the real command in a fresh process (`edgeslim export`, int4, a budget it fits dense, so every stage
 runs: load, activations, GPTQ, graph, parity, measurement, held-out quality) and its peak resident memory (the
 process and its helpers, wait4's ru_maxrss) and wall time are recorded next to what the pipeline's memory model
@@ -19,16 +19,18 @@ import platform
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, LlamaConfig
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 from exporter.footprint import checkpoint_footprint
-from exporter.models import default_gguf, gguf_to_safetensors
 
 GB = 1e9
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -62,11 +64,20 @@ def synthetic(name: str, layers: int, folder: Path) -> Path:
         torch.nn.init.normal_(parameter, std=0.02) if parameter.dim() > 1 else torch.nn.init.ones_(parameter)
     target = folder / f"{name}-{layers}"
     model.save_pretrained(target)
-    tokenizer_files = gguf_to_safetensors(default_gguf())[0]
-    for file in tokenizer_files.glob("*"):
-        if "token" in file.name or file.name.endswith(".jinja"):
-            shutil.copy(file, target / file.name)
+    tokenizer().save_pretrained(target)
     return target
+
+
+def tokenizer(vocabulary: int = 8192) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained in seconds on standard-library sources: smaller than every shape's vocabulary."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocabulary, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    bpe.train_from_iterator([(stdlib / f).read_text() for f in ("textwrap.py", "shlex.py", "argparse.py")], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="</s>")
 
 
 def export(model: Path, profile: Path, out: Path) -> tuple[float, float]:
@@ -92,25 +103,35 @@ def main() -> None:
     runs.insert(1, (runs[0][0], 2 * args.layers))  # the same shape at twice the blocks: the per-block growth
     lines = [f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
              f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / GB:.0f} GB; torch {torch.__version__}",
-             "", "| shape | blocks | parameters | fp32 GB | peak GB (measured) | peak GB (predicted) | peak / fp32 | "
-             "export s | predicted s |", "|---|---|---|---|---|---|---|---|---|"]
+             "", "| shape | blocks | parameters | fp32 GB | peak GB | peak / fp32 | export s | GPTQ TFLOP |",
+             "|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
+    measured = []
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as work:
         profile = Path(work) / "profile.yaml"
         profile.write_text(yaml.safe_dump(PROFILE))
         for name, layers in runs:
             model = synthetic(name, layers, Path(work))
-            predicted = checkpoint_footprint(model)
+            shape = checkpoint_footprint(model)
             peak, seconds = export(model, profile, Path(work) / f"out-{name}-{layers}")
-            parameters = predicted.parameters
-            row = (f"| {name} | {layers} | {parameters / 1e9:.2f} B | {4 * parameters / GB:.2f} | {peak:.2f} | "
-                   f"{predicted.peak_bytes / GB:.2f} | {peak / (4 * parameters / GB):.1f} | {seconds:.0f} | "
-                   f"{predicted.seconds:.0f} |")
+            fp32 = 4 * shape.parameters / GB
+            row = (f"| {name} | {layers} | {shape.parameters / 1e9:.2f} B | {fp32:.2f} | {peak:.2f} | "
+                   f"{peak / fp32:.1f} | {seconds:.0f} | {shape.gptq_flops / 1e12:.2f} |")
             lines.append(row)
+            measured.append((fp32, peak, shape.gptq_flops / 1e12, seconds))
             print(row, flush=True)
             shutil.rmtree(model)
             shutil.rmtree(Path(work) / f"out-{name}-{layers}")
+    lines += ["", fit("peak GB", [(f, p) for f, p, _, _ in measured], "fp32 GB"),
+              fit("export s", [(t, s) for _, _, t, s in measured], "GPTQ TFLOP")]
+    print("\n".join(lines[-2:]))
     Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+def fit(what: str, points: list[tuple[float, float]], per: str) -> str:
+    """Least squares y = a + b x: what exporter.footprint's constants are set from."""
+    slope, intercept = np.polyfit([x for x, _ in points], [y for _, y in points], 1)
+    return f"fit: {what} = {intercept:.2f} + {slope:.2f} x {per}"
 
 
 if __name__ == "__main__":

@@ -91,6 +91,21 @@ def test_gptq_lowers_the_output_error_on_its_inputs():
     assert torch.equal(rebuilt, matrix.dequantize())
 
 
+def test_rows_are_rounded_in_pieces_exactly_as_all_at_once(monkeypatch):
+    from exporter import quantize
+
+    _, gram = correlated_inputs(d=130)  # and a partial last block
+    weight = torch.randn(100, 130) * 0.05  # rows never mix: pieces of 7 rows bound memory, change nothing
+    whole, pieces = gptq(weight, gram), gptq(weight, gram, rows_at_once=7)
+    assert torch.equal(whole.q, pieces.q) and torch.equal(whole.zero, pieces.zero)
+    assert torch.allclose(whole.scale, pieces.scale, rtol=1e-5, atol=1e-7)  # matmuls of other sizes: ulps
+    whole = round_to_nearest(weight)
+    monkeypatch.setattr(quantize, "ROWS_AT_ONCE", 7)
+    pieces = round_to_nearest(weight)
+    assert all(torch.equal(a, b) for a, b in ((whole.q, pieces.q), (whole.scale, pieces.scale),
+                                              (whole.zero, pieces.zero)))
+
+
 def test_factorized_layers_are_rounded_with_a_refitted_second_factor():
     model = build_tiny("llama")
     name = "model.layers.0.mlp.down_proj"
