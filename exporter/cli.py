@@ -162,7 +162,7 @@ def plan(as_json, **options):
         click.echo(f"note: {note}")
     needed = export_footprint(loaded.model)
     click.echo(f"exporting it needs about {needed.peak_bytes / 1e9:.1f} GB of memory and {needed.seconds / 60:.1f} min "
-               "(predicted from a 2-core machine's; README, \"Scale\")")
+               "(predicted: README, \"Scale\")")
 
 
 @main.command(name="eval")

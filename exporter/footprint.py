@@ -3,10 +3,13 @@ model's shape before anything is loaded, so a run that cannot fit is refused wit
 by the kernel minutes in.
 
 The pipeline holds the model in fp32 several times over: the loaded dense model (the reference what ships is judged
-by), the copy being compressed, its int4-rounded mirror, the weights as serialized into the graph and the graphs
-onnxruntime loads for parity and quality. So the peak is linear in the model's fp32 bytes; the coefficients are
-fitted to `scripts/bench_scale.py` (README, "Scale"), which measures real exports of Llama-shaped checkpoints from
-135M to 7B widths.
+by), its int4-rounded mirror (the PyTorch twin the shipped weights are proven against) and the fp32 reference graph
+onnxruntime runs for parity; and it holds the calibration statistics, a float64 Gram matrix per distinct projection
+input (counted from the shapes). Everything else is bounded per matrix (GPTQ rounds 8192 rows at a time), per window
+(quality scores 64 positions at a time) or streamed (graph weights go straight to their data file). So the peak is
+linear in the model's fp32 bytes plus the statistics. The coefficients are fitted to `scripts/bench_scale.py`
+(README, "Scale"): real exports of Llama-shaped checkpoints from 135M to 7B widths, whose plans ship the dense
+model; a factorized plan also holds the copy being compressed, one more fp32 copy, which this leaves out.
 """
 
 from __future__ import annotations
@@ -20,21 +23,25 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
 
 from exporter.errors import UsageError
 
-# Fitted to scripts/bench_scale.py on this 2-core machine (see the README's "Scale" table).
-FP32_COPIES = 5.0  # peak bytes per fp32 byte of the model
-BASE_BYTES = 1.2e9  # the interpreter, torch, onnxruntime and the data before any model is loaded
-SECONDS_PER_GFLOP = 0.05  # GPTQ (d_in^3 + d_in^2 d_out per matrix) and the held-out quality pass
-BASE_SECONDS = 40.0
+# Fitted to scripts/bench_scale.py on this 2-core machine (README, "Scale").
+FP32_COPIES = 3.48  # peak bytes per fp32 byte of the model, beyond the statistics
+BASE_BYTES = 1.27e9  # the interpreter, torch, onnxruntime and the data before any model is loaded
+GRAM_BYTES = 8  # one float64 Gram entry per distinct projection input, d_in^2 of them, all held at once
+CALIBRATION_TOKENS = 16 * 256  # the default calibration windows: the Gram matrices' accumulation work
+SECONDS_PER_TFLOP = 66.9  # of GPTQ (d_in^3 + d_in^2 d_out per matrix) and Gram accumulation (2 tokens d_in^2)
+BASE_SECONDS = 40.8
 SKIP_CHECK = "EDGESLIM_SKIP_MEMORY_CHECK"
 
 
 @dataclass(frozen=True)
 class Footprint:
     parameters: int
-    gptq_flops: float
+    gram_bytes: float  # the calibration statistics
+    work_flops: float  # what the time grows with
     peak_bytes: float
     seconds: float
 
@@ -42,10 +49,26 @@ class Footprint:
 def export_footprint(model: nn.Module) -> Footprint:
     """What `edgeslim export` of `model` (its weights may be on the meta device) will need here, at int4."""
     parameters = sum(p.numel() for p in model.parameters())  # tied weights counted once
-    gptq_flops = sum(m.in_features**3 + m.in_features**2 * m.out_features
-                     for m in model.modules() if isinstance(m, nn.Linear))
-    return Footprint(parameters=parameters, gptq_flops=gptq_flops, peak_bytes=BASE_BYTES + FP32_COPIES * 4 * parameters,
-                     seconds=BASE_SECONDS + SECONDS_PER_GFLOP * gptq_flops / 1e9)
+    shapes = dict(_projections(model))
+    # projections of one module reading the same width read the same tensor (q/k/v, gate/up): one Gram matrix
+    # (attention's output projection, same width, other tensor, is missed: one hidden^2 per block, a few percent)
+    inputs = {(name.rpartition(".")[0], d_in): d_in for name, (d_in, _) in shapes.items()}
+    gram_entries = sum(d * d for d in inputs.values())
+    work = sum(d_in**3 + d_in**2 * d_out for d_in, d_out in shapes.values())
+    work += 2 * CALIBRATION_TOKENS * gram_entries
+    gram_bytes = GRAM_BYTES * gram_entries
+    return Footprint(parameters=parameters, gram_bytes=gram_bytes, work_flops=work,
+                     peak_bytes=BASE_BYTES + FP32_COPIES * 4 * parameters + gram_bytes,
+                     seconds=BASE_SECONDS + SECONDS_PER_TFLOP * work / 1e12)
+
+
+def _projections(model: nn.Module):
+    """(name, (d_in, d_out)) of every matrix the pipeline rounds: Linear layers, and GPT-2's Conv1D (W is (in, out))."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            yield name, (module.in_features, module.out_features)
+        elif isinstance(module, Conv1D):
+            yield name, tuple(module.weight.shape)
 
 
 def checkpoint_footprint(folder: Path, trust_remote_code: bool = False) -> Footprint:

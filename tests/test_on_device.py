@@ -85,6 +85,7 @@ def test_plan_says_when_a_listed_provider_cannot_run_the_graph(exported, trained
     done = CliRunner().invoke(main, ["plan", "--device", str(profile), "--model", str(trained_model_dir)])
     assert done.exit_code == 0, done.output
     assert "XnnpackExecutionProvider has no MatMulNBits or GroupQueryAttention" in done.output
+    assert "exporting it needs about" in done.output  # and what the export itself will take here
     from exporter.profile import load_profile
     from exporter.providers import plan_notes
 
