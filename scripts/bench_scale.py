@@ -101,7 +101,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "bench_scale.md"))
     args = parser.parse_args()
     runs = [(name, args.layers) for name in args.shapes.split(",")]
-    runs.insert(1, (runs[0][0], 2 * args.layers))  # the same shape at twice the blocks: the per-block growth
+    if len(runs) > 1:  # the first shape at twice the blocks too: the per-block growth
+        runs.insert(1, (runs[0][0], 2 * args.layers))
     lines = [f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
              f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / GB:.0f} GB; torch {torch.__version__}",
              "", "| shape | blocks | parameters | fp32 GB | statistics GB | peak GB (measured) | peak GB (model) | "
@@ -124,10 +125,11 @@ def main() -> None:
             print(row, flush=True)
             shutil.rmtree(model)
             shutil.rmtree(Path(work) / f"out-{name}-{layers}")
-    lines += ["", fit("peak GB - statistics GB", [(f, p) for f, p, _, _ in measured], "fp32 GB"),
-              fit("export s", [(t, s) for _, _, t, s in measured], "work TFLOP"),
-              "(the model's columns use exporter/footprint.py's constants, which are set from these fits)"]
-    print("\n".join(lines[-3:]))
+    if len(measured) > 2:
+        lines += ["", fit("peak GB - statistics GB", [(f, p) for f, p, _, _ in measured], "fp32 GB"),
+                  fit("export s", [(t, s) for _, _, t, s in measured], "work TFLOP"),
+                  "(the model's columns use exporter/footprint.py's constants, which are set from such fits)"]
+        print("\n".join(lines[-4:]))
     Path(args.out).write_text("\n".join(lines) + "\n")
 
 
