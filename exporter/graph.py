@@ -85,8 +85,8 @@ class _Builder:
         return names
 
     def weight(self, name: str, array: np.ndarray) -> str:
-        array = np.ascontiguousarray(array)
-        self.initializers.append(self.data.tensor(name, array) if self.data else numpy_helper.from_array(array, name))
+        self.initializers.append(self.data.tensor(name, array) if self.data else
+                                 numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
     def constant(self, values: list[int] | int) -> str:

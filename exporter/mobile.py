@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
 from exporter.contracts import Measurement, OrtPackage
+from exporter.validate import run_measure
 
 ORT_FILE = "model.ort"
 OPERATORS_FILE = "required_operators_and_types.config"
@@ -44,21 +42,10 @@ def convert(model_file: Path, folder: Path) -> tuple[Path, Path]:
     return folder / ORT_FILE, folder / OPERATORS_FILE
 
 
-def check(folder: Path, threads: int) -> dict:
-    """The on-device benchmark (exporter.measure) of the ORT file, in a fresh process."""
-    cmd = [sys.executable, "-m", "exporter.measure", str(folder), "--graph", ORT_FILE, "--threads", str(threads),
-           "--runs", "3"]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"running {ORT_FILE} failed: {tail}")
-    return json.loads(done.stdout)
-
-
 def package(model_file: Path, folder: Path, threads: int) -> OrtPackage:
     """Convert, then run the ORT file as the device would."""
     ort_file, operators_file = convert(model_file, folder)
-    result = check(folder, threads)
+    result = run_measure([str(folder), "--graph", ORT_FILE, "--threads", str(threads), "--runs", "3"])
     operators = tuple(line.strip() for line in operators_file.read_text().splitlines()
                       if line.strip() and not line.startswith("#"))
     return OrtPackage(model_file=ort_file.name, operators_file=operators_file.name,

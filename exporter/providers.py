@@ -6,8 +6,8 @@ provider's int4 kernels for every matmul, because XNNPACK has no MatMulNBits. Th
 the export, from each provider's operator list:
 
 - NNAPI and CoreML: the lists onnxruntime ships with its mobile usability checker
-  (`onnxruntime/tools/mobile_helpers/*.md`), read through that checker, which also counts the partitions the graph
-  would be cut into.
+  (`onnxruntime/tools/mobile_helpers/*.md`); that checker's partitioning counts the pieces the graph would be cut
+  into, for every provider here.
 - XNNPACK and QNN: onnxruntime ships no list, so the operators below are transcribed from onnxruntime's source
   (`core/providers/xnnpack/detail/node_support_checker.cc`, `core/providers/qnn/builder/op_builder_factory.cc`) and
   run through the same partition count. Both are checked by operator type only; QNN's HTP backend also needs fixed
@@ -19,6 +19,7 @@ the export, from each provider's operator list:
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -68,6 +69,7 @@ class _OperatorList:
         return []
 
 
+@functools.cache
 def _operators(provider: str) -> frozenset[str] | None:
     """The "domain:Op" names `provider` runs; None when edgeslim has no list for it."""
     if provider in _TRANSCRIBED:

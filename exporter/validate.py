@@ -122,14 +122,19 @@ def validate_parity(
 
 
 def measure_session(model_file: str, provider: str, threads: int, prefill_tokens: int, context: int) -> Measurement:
-    """Run exporter.measure in a fresh process and read its JSON."""
-    cmd = [sys.executable, "-m", "exporter.measure", model_file, "--provider", provider, "--threads", str(threads),
-           "--prefill-tokens", str(prefill_tokens), "--context", str(context)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    """Latency and peak memory of one graph, measured in a fresh process."""
+    return Measurement(**run_measure([model_file, "--provider", provider, "--threads", str(threads),
+                                      "--prefill-tokens", str(prefill_tokens), "--context", str(context)]))
+
+
+def run_measure(args: list[str]) -> dict:
+    """`python -m exporter.measure ARGS` in a fresh process (the only honest peak memory), its JSON result."""
+    done = subprocess.run([sys.executable, "-m", "exporter.measure", *args], capture_output=True, text=True,
+                          check=False)
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"measuring {model_file} failed: {tail}")
-    return Measurement(**json.loads(done.stdout))
+        raise RuntimeError(f"measuring {args[0]} failed: {tail}")
+    return json.loads(done.stdout)
 
 
 def host_figures(threads: int) -> dict:
