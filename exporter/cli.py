@@ -87,6 +87,9 @@ _planning = [  # what the plan depends on: `export` and `plan` take the same opt
                       "ratio for every layer."),
     click.option("--rank-multiple", default=None, type=int,
                  help="Round every rank to a multiple of this (default: 32 at int4, MatMulNBits' block; 8 at fp32)."),
+    click.option("--layer-streaming/--in-memory", "streaming", default=None,
+                 help="Read, compress and export one decoder block at a time (memory: a block and the vocabulary "
+                      "table, not the model), or load the whole model. Default: in memory when it fits here."),
     click.option("--method", default="svdllm", show_default=True, type=str,
                  help=f"Basis selection method: {', '.join(method_names())}."),
     *_safety,
@@ -161,8 +164,9 @@ def plan(as_json, **options):
     for note in plan_notes(load_profile(options["device"])):
         click.echo(f"note: {note}")
     needed = export_footprint(loaded.model)
-    click.echo(f"exporting it needs about {needed.peak_bytes / 1e9:.1f} GB of memory and {needed.seconds / 60:.1f} min "
-               "(predicted: README, \"Scale\")")
+    click.echo(f"exporting it needs about {needed.peak_bytes / 1e9:.1f} GB of memory in memory, "
+               f"{needed.streamed_peak_bytes / 1e9:.1f} GB a block at a time (--layer-streaming), and "
+               f"{needed.seconds / 60:.1f} min (predicted: README, \"Scale\")")
 
 
 @main.command(name="eval")

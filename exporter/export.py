@@ -140,15 +140,26 @@ def export_model(
         exact_path = folder / EXACT_FILE
         write_decoder(exact_path, model, spec, GraphOptions(context_length), quantized)
     save_variant(all_positions(shipped), folder / ALL_POSITIONS_FILE)
+    write_runtime_files(folder, tokenizer, model, spec, context_length)
+    return artifact_for(shipped, shipped_path, reference_path, exact_path, folder / ALL_POSITIONS_FILE, precision)
+
+
+def write_runtime_files(folder: Path, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, spec: ModelSpec,
+                        context_length: int) -> None:
+    """Tokenizer files, the model's config.json (optimum's ORTModelForCausalLM reads it) and genai_config.json."""
     tokenizer.save_pretrained(folder)
-    model.config.to_json_file(folder / "config.json")  # optimum's ORTModelForCausalLM reads the folder's config
+    model.config.to_json_file(folder / "config.json")
     write_genai_config(spec, model, folder, context_length)
+
+
+def artifact_for(shipped: onnx.ModelProto, shipped_path: Path, reference_path: Path, exact_path: Path,
+                 all_positions_path: Path, precision: str) -> OnnxArtifact:
     return OnnxArtifact(
-        folder=str(folder),
+        folder=str(shipped_path.parent),
         model_file=str(shipped_path),
         reference_file=str(reference_path),
         exact_file=str(exact_path),
-        all_positions_file=str(folder / ALL_POSITIONS_FILE),
+        all_positions_file=str(all_positions_path),
         precision=precision,
         file_bytes=artifact_bytes(shipped_path),
         nodes=len(shipped.graph.node),

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from exporter.contracts import LayerResult, RankPlan
+from exporter.contracts import LayerPlan, LayerResult, RankPlan, Spectrum
 from exporter.select import Factors, SelectionMethod
 
 
@@ -73,3 +73,22 @@ def factorize_(
         results.append(LayerResult(layer.name, layer.rank, min(weight.shape), float(error)))
         on_layer(layer.name)
     return tuple(results)
+
+
+SPECTRUM_LAYERS = 3
+
+
+def spectrum_layers(plan: RankPlan) -> set[LayerPlan]:
+    """The first, a middle and the last factorized layer: those whose basis scores the report draws."""
+    layers = plan.factorized
+    if not layers:
+        return set()
+    return {layers[int(i * (len(layers) - 1) / (SPECTRUM_LAYERS - 1))] for i in range(SPECTRUM_LAYERS)}
+
+
+@torch.no_grad()
+def layer_spectrum(layer: LayerPlan, model: nn.Module, method: SelectionMethod, stats: dict) -> Spectrum:
+    """The method's basis scores of one (still dense) layer, as fractions of their sum, and the rank kept."""
+    scores = method.scores(model.get_submodule(layer.name).weight.detach(), stats.get(layer.name)).double()
+    total = float(scores.sum()) or 1.0
+    return Spectrum(layer.name, tuple(round(float(v) / total, 8) for v in scores), layer.rank)

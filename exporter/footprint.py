@@ -1,15 +1,16 @@
-"""The export's own cost on this machine: peak resident memory and wall time of `edgeslim export`, predicted from the
-model's shape before anything is loaded, so a run that cannot fit is refused with advice instead of being killed
-by the kernel minutes in.
+"""The export's own cost on this machine: peak resident memory and wall time of `edgeslim export`, predicted from
+the model's shape before anything is loaded, so that a run which does not fit in memory is exported a block at a
+time (exporter.stream), and one which fits neither way is refused with advice instead of being killed.
 
-The pipeline holds the model in fp32 several times over: the loaded dense model (the reference what ships is judged
-by), its int4-rounded mirror (the PyTorch twin the shipped weights are proven against) and the fp32 reference graph
-onnxruntime runs for parity; and it holds the calibration statistics, a float64 Gram matrix per distinct projection
-input (counted from the shapes). Everything else is bounded per matrix (GPTQ rounds 8192 rows at a time), per window
-(quality scores 64 positions at a time) or streamed (graph weights go straight to their data file). So the peak is
-linear in the model's fp32 bytes plus the statistics. The coefficients are fitted to `scripts/bench_scale.py`
-(README, "Scale"): real exports of Llama-shaped checkpoints from 135M to 7B widths, whose plans ship the dense
-model; a factorized plan also holds the copy being compressed, one more fp32 copy, which this leaves out.
+In memory, the pipeline holds the model in fp32 several times over: the loaded dense model (the reference what ships
+is judged by), its int4-rounded mirror (the PyTorch twin the shipped weights are proven against) and the fp32
+reference graph onnxruntime runs for parity; and it holds the calibration statistics, a float64 Gram matrix per
+distinct projection input (counted from the shapes). Everything else is bounded per matrix (GPTQ rounds 8192 rows at
+a time), per window (quality scores 64 positions at a time) or streamed (graph weights go straight to their data
+file). So the peak is linear in the model's fp32 bytes plus the statistics. The coefficients are fitted to
+`scripts/bench_scale.py` (README, "Scale"): real exports of Llama-shaped checkpoints from 135M to 7B widths, whose
+plans ship the dense model; a factorized plan also holds the copy being compressed, one more fp32 copy, which this
+leaves out. A streamed export holds one block, the tables outside the blocks and one block's statistics instead.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
+from exporter.architectures import arch_for
 from exporter.errors import UsageError
 
 # Fitted to scripts/bench_scale.py on this 2-core machine (README, "Scale").
@@ -37,29 +39,53 @@ BASE_SECONDS = 40.8
 SKIP_CHECK = "EDGESLIM_SKIP_MEMORY_CHECK"
 
 
+# A streamed export (exporter.stream) holds one block, the tables outside the blocks (embedding, lm_head), one
+# block's statistics and the calibration hidden states at a time. Fitted to scripts/bench_scale.py --streaming.
+STREAM_COPIES = 3.0  # peak bytes per fp32 byte of the largest block and the tables outside the blocks
+
+
 @dataclass(frozen=True)
 class Footprint:
     parameters: int
     gram_bytes: float  # the calibration statistics
     work_flops: float  # what the time grows with
-    peak_bytes: float
+    peak_bytes: float  # in memory: the whole model loaded
     seconds: float
+    streamed_peak_bytes: float  # a block at a time (exporter.stream)
+    streamed_parameters: int  # what a streamed export holds: the largest block and everything outside the blocks
 
 
 def export_footprint(model: nn.Module) -> Footprint:
     """What `edgeslim export` of `model` (its weights may be on the meta device) will need here, at int4."""
-    parameters = sum(p.numel() for p in model.parameters())  # tied weights counted once
+    parameters = _count(model)  # tied weights counted once
     shapes = dict(_projections(model))
-    # projections of one module reading the same width read the same tensor (q/k/v, gate/up): one Gram matrix
-    # (attention's output projection, same width, other tensor, is missed: one hidden^2 per block, a few percent)
-    inputs = {(name.rpartition(".")[0], d_in): d_in for name, (d_in, _) in shapes.items()}
-    gram_entries = sum(d * d for d in inputs.values())
+    gram_entries = _gram_entries(shapes)
     work = sum(d_in**3 + d_in**2 * d_out for d_in, d_out in shapes.values())
     work += 2 * CALIBRATION_TOKENS * gram_entries
     gram_bytes = GRAM_BYTES * gram_entries
+    blocks = model.get_submodule(arch_for(model.config.model_type).blocks)
+    block = max(blocks, key=_count)
+    outside = parameters - sum(_count(b) for b in blocks)  # embedding, lm_head, final norm
+    held = _count(block) + outside
+    streamed = (BASE_BYTES + STREAM_COPIES * 4 * held
+                + GRAM_BYTES * _gram_entries(dict(_projections(block)))
+                + 4 * CALIBRATION_TOKENS * model.config.hidden_size)
     return Footprint(parameters=parameters, gram_bytes=gram_bytes, work_flops=work,
                      peak_bytes=BASE_BYTES + FP32_COPIES * 4 * parameters + gram_bytes,
-                     seconds=BASE_SECONDS + SECONDS_PER_TFLOP * work / 1e12)
+                     seconds=BASE_SECONDS + SECONDS_PER_TFLOP * work / 1e12, streamed_peak_bytes=streamed,
+                     streamed_parameters=held)
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _gram_entries(shapes: dict[str, tuple[int, int]]) -> int:
+    """Entries of the Gram matrices of these projections: those of one module reading the same width read the
+    same tensor (q/k/v, gate/up) and share one (attention's output projection, same width, other tensor, is
+    missed: one hidden^2 per block, a few percent)."""
+    inputs = {(name.rpartition(".")[0], d_in): d_in for name, (d_in, _) in shapes.items()}
+    return sum(d * d for d in inputs.values())
 
 
 def _projections(model: nn.Module):
@@ -79,16 +105,30 @@ def checkpoint_footprint(folder: Path, trust_remote_code: bool = False) -> Footp
     return export_footprint(model)
 
 
-def check_fits(folder: Path, source: str, trust_remote_code: bool = False) -> None:
-    """Refuse, before loading anything, an export that would not fit this machine's available memory."""
+def choose_streaming(folder: Path, source: str, trust_remote_code: bool = False,
+                     requested: bool | None = None) -> tuple[bool, str | None]:
+    """(whether to export a block at a time, a line saying why when it was not asked for), refusing, before
+    anything is loaded, an export that would not fit this machine's available memory either way. `requested`:
+    None lets the memory decide (in memory when it fits: layer sensitivity needs the whole model)."""
     available = available_bytes()
-    if available is None or os.environ.get(SKIP_CHECK) == "1":
-        return
+    if os.environ.get(SKIP_CHECK) == "1" or available is None:
+        return bool(requested), None
     needed = checkpoint_footprint(folder, trust_remote_code)
-    if needed.peak_bytes > available:
-        raise UsageError(f"--model {source}: exporting it needs about {needed.peak_bytes / 1e9:.1f} GB here "
-                         f"(predicted) and this machine has {available / 1e9:.1f} GB available; use a machine with "
-                         f"more memory or a smaller model (set {SKIP_CHECK}=1 to try anyway)")
+    if requested is None and needed.peak_bytes <= available:
+        return False, None
+    streamed = requested is not False and (requested or needed.streamed_peak_bytes <= available)
+    peak = needed.streamed_peak_bytes if streamed else needed.peak_bytes
+    if peak > available:
+        raise UsageError(f"--model {source}: exporting it needs about {peak / 1e9:.1f} GB here "
+                         f"({'a block at a time' if streamed else 'in memory'}, predicted) and this machine has "
+                         f"{available / 1e9:.1f} GB available; use a machine with more memory or a smaller model"
+                         f"{'' if streamed else ', or --layer-streaming'} (set {SKIP_CHECK}=1 to try anyway)")
+    if requested is None:
+        return True, (f"exporting in memory would need about {needed.peak_bytes / 1e9:.1f} GB and "
+                      f"{available / 1e9:.1f} GB are available: exporting a block at a time (about "
+                      f"{needed.streamed_peak_bytes / 1e9:.1f} GB; layer sensitivity needs the whole model, so the "
+                      "plan keeps one ratio)")
+    return streamed, None
 
 
 def available_bytes() -> int | None:

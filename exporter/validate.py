@@ -20,6 +20,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -30,6 +31,7 @@ from exporter.contracts import DeviceProfile, Measurement, OnnxArtifact, ParityR
 from exporter.evaluate import top1_agreement
 from exporter.generate import Decoder, OnnxDecoder, TorchDecoder, generate
 from exporter.measure import common_prefix, session
+from exporter.quality import all_logits
 
 RELATIVE_TOLERANCE = 1e-4
 GREEDY_STEPS = 32
@@ -109,16 +111,74 @@ def validate_parity(
         graphs.append((artifact.model_file, f"shipped {artifact.precision}", mirror, False))
     references = {id(m): [greedy_trace(TorchDecoder(m), ids) for ids in prompts]
                   for m in {id(m): m for m in (model, mirror)}.values()}  # at fp32 the mirror is the model
+    results = _on_providers(providers, missing, [
+        (lambda provider, file=file, label=label, reference=reference, gated=gated: check_parity(
+            file, label, prompts, provider, threads, references[id(reference)], gated))
+        for file, label, reference, gated in graphs])
+    agreement = None if artifact.precision == "fp32" else top1_agreement(model, mirror, prompts)
+    return results, missing, agreement
+
+
+def validate_positions(
+    artifact: OnnxArtifact,
+    prompts: list[torch.Tensor],
+    compressed_logits: list[np.ndarray],
+    mirror_logits: list[np.ndarray],
+    requested: tuple[str, ...],
+    threads: int,
+) -> tuple[list[ParityResult], list[str], float | None]:
+    """`validate_parity` for a streamed export (exporter.stream), whose PyTorch twins exist only as the logits of
+    every position of each prompt, made in the one pass over the checkpoint: the graphs' all-positions twins give
+    the same positions. Gated: the shipped weights computed exactly (at fp32 the shipped graph) against the twin
+    holding them; reported: the shipped graph against that twin."""
+    providers, missing = providers_to_check(requested)
+    twin = compressed_logits if artifact.precision == "fp32" else mirror_logits
+    shipped = f"shipped {artifact.precision} (every prompt position)"
+    graphs = [(artifact.all_positions_file, shipped, twin, True)]
+    if artifact.exact_file != artifact.all_positions_file:  # the shipped graph is inexact (int8 or fp16 compute)
+        graphs = [(artifact.exact_file, f"{artifact.precision} weights, exact compute (every prompt position)", twin,
+                   True), (artifact.all_positions_file, shipped, twin, False)]
+    results = _on_providers(providers, missing, [
+        (lambda provider, file=file, label=label, reference=reference, gated=gated: check_positions(
+            file, label, prompts, provider, threads, reference, gated))
+        for file, label, reference, gated in graphs])
+    agreement = None if artifact.precision == "fp32" else float(np.mean(np.concatenate(
+        [c.argmax(-1) == m.argmax(-1) for c, m in zip(compressed_logits, mirror_logits, strict=True)])))
+    return results, missing, agreement
+
+
+def _on_providers(providers: list[str], missing: list[str],
+                  checks: list[Callable[[str], ParityResult | None]]) -> list[ParityResult]:
+    """Every check on every provider; a provider onnxruntime fell back to CPU from is not really here (`missing`)."""
     results = []
     for provider in providers:
-        for graph_file, label, reference, gated in graphs:
-            result = check_parity(graph_file, label, prompts, provider, threads, references[id(reference)], gated)
-            if result is None:  # onnxruntime fell back to CPU: the provider is not really here
+        for check in checks:
+            result = check(provider)
+            if result is None:
                 missing.append(provider)
                 break
             results.append(result)
-    agreement = None if artifact.precision == "fp32" else top1_agreement(model, mirror, prompts)
-    return results, missing, agreement
+    return results
+
+
+def check_positions(graph_file: str, label: str, prompts: list[torch.Tensor], provider: str, threads: int,
+                    references: list[np.ndarray], gated: bool = True) -> ParityResult | None:
+    """Every position's logits of each prompt from an all-positions graph against `references`; None when the
+    provider silently fell back to CPU."""
+    sess = session(graph_file, provider, threads)
+    if sess.get_providers()[0] != provider:
+        return None
+    max_diff, tolerance, same, positions = 0.0, 0.0, 0, 0
+    for ids, reference in zip(prompts, references, strict=True):
+        logits = all_logits(sess, ids[0].tolist())
+        max_diff = max(max_diff, float(np.abs(logits - reference).max()))
+        tolerance = max(tolerance, RELATIVE_TOLERANCE * float(np.abs(reference).max()))
+        same += int((logits.argmax(-1) == reference.argmax(-1)).sum())
+        positions += len(reference)
+    return ParityResult(provider=provider, graph=label, prompts=len(prompts), max_abs_logit_diff=max_diff,
+                        tolerance=tolerance, greedy_steps=0, greedy_identical=same == positions,
+                        greedy_match_fraction=same / positions, passed=max_diff <= tolerance and same == positions,
+                        gated=gated)
 
 
 def measure_session(model_file: str, provider: str, threads: int, prefill_tokens: int, context: int) -> Measurement:

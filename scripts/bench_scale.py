@@ -20,7 +20,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -28,21 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-from exporter.footprint import checkpoint_footprint
+from exporter.footprint import BASE_BYTES, FP32_COPIES, STREAM_COPIES, checkpoint_footprint
+from exporter.synthetic import SHAPES, llama_config, write_checkpoint
 
 GB = 1e9
 RESULTS = Path(__file__).resolve().parent / "results"
-# name: hidden, intermediate, attention heads, KV heads, vocabulary, tied embeddings, blocks in the real model
-SHAPES = {
-    "smollm2-135m": (576, 1536, 9, 3, 49152, True, 30),
-    "qwen2-0.5b": (896, 4864, 14, 2, 151936, True, 24),
-    "llama-3.2-1b": (2048, 8192, 32, 8, 128256, True, 16),
-    "llama-3.2-3b": (3072, 8192, 24, 8, 128256, True, 28),
-    "llama-2-7b": (4096, 11008, 32, 32, 32000, False, 32),
-}
 PROFILE = {
     "name": "bench-scale", "description": "a budget every shape fits dense: the export's own cost is measured",
     "execution_providers": ["CPUExecutionProvider"], "threads": 2, "precision": "int4", "context_length": 256,
@@ -52,40 +42,18 @@ PROFILE = {
 
 
 def synthetic(name: str, layers: int, folder: Path) -> Path:
-    """A random checkpoint of `name`'s shape with `layers` blocks, written as a Hugging Face folder."""
+    """A random checkpoint of `name`'s shape with `layers` blocks (bf16 shards, a block per shard)."""
     hidden, intermediate, heads, kv_heads, vocab, tied, _ = SHAPES[name]
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads,
-                         num_key_value_heads=kv_heads, vocab_size=vocab, tie_word_embeddings=tied,
-                         num_hidden_layers=layers, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model = model.to_empty(device="cpu")
-    for parameter in model.parameters():  # a plain random init: fast at 7B widths, and no NaNs from empty memory
-        torch.nn.init.normal_(parameter, std=0.02) if parameter.dim() > 1 else torch.nn.init.ones_(parameter)
-    target = folder / f"{name}-{layers}"
-    model.save_pretrained(target)
-    tokenizer().save_pretrained(target)
-    return target
+    return write_checkpoint(llama_config(hidden, intermediate, heads, kv_heads, vocab, tied, layers),
+                            folder / f"{name}-{layers}")
 
 
-def tokenizer(vocabulary: int = 8192) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained in seconds on standard-library sources: smaller than every shape's vocabulary."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocabulary, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    bpe.train_from_iterator([(stdlib / f).read_text() for f in ("textwrap.py", "shlex.py", "argparse.py")], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="</s>")
-
-
-def export(model: Path, profile: Path, out: Path) -> tuple[float, float]:
+def export(model: Path, profile: Path, out: Path, streaming: bool) -> tuple[float, float]:
     """(peak resident GB of the export and its helper processes, wall seconds)."""
     start = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-m", "exporter.cli", "export", "--device", str(profile), "--model",
-                                str(model), "--out", str(out), "--no-cache"],
+                                str(model), "--out", str(out), "--no-cache",
+                                "--layer-streaming" if streaming else "--in-memory"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - start
@@ -98,6 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--streaming", action="store_true", help="export a block at a time (--layer-streaming)")
     parser.add_argument("--out", default=str(RESULTS / "bench_scale.md"))
     args = parser.parse_args()
     runs = [(name, args.layers) for name in args.shapes.split(",")]
@@ -105,6 +74,9 @@ def main() -> None:
         runs.insert(1, (runs[0][0], 2 * args.layers))
     lines = [f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
              f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / GB:.0f} GB; torch {torch.__version__}",
+             f"export {'a block at a time (--layer-streaming)' if args.streaming else 'in memory (--in-memory)'}; "
+             "fp32 GB: of what the export holds (streamed: the largest block and the tables outside the blocks); "
+             "statistics GB: the rest of the model's prediction (Gram matrices, streamed: and calibration states)",
              "", "| shape | blocks | parameters | fp32 GB | statistics GB | peak GB (measured) | peak GB (model) | "
              "export s (measured) | export s (model) | work TFLOP |", "|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
@@ -115,13 +87,15 @@ def main() -> None:
         for name, layers in runs:
             model = synthetic(name, layers, Path(work))
             shape = checkpoint_footprint(model)
-            peak, seconds = export(model, profile, Path(work) / f"out-{name}-{layers}")
-            fp32 = 4 * shape.parameters / GB
-            row = (f"| {name} | {layers} | {shape.parameters / 1e9:.2f} B | {fp32:.2f} | {shape.gram_bytes / GB:.2f} "
-                   f"| {peak:.2f} | {shape.peak_bytes / GB:.2f} | {seconds:.0f} | {shape.seconds:.0f} | "
+            peak, seconds = export(model, profile, Path(work) / f"out-{name}-{layers}", args.streaming)
+            fp32 = 4 * (shape.streamed_parameters if args.streaming else shape.parameters) / GB
+            predicted = shape.streamed_peak_bytes if args.streaming else shape.peak_bytes
+            statistics = (predicted - BASE_BYTES - (STREAM_COPIES if args.streaming else FP32_COPIES) * fp32 * GB) / GB
+            row = (f"| {name} | {layers} | {shape.parameters / 1e9:.2f} B | {fp32:.2f} | {statistics:.2f} "
+                   f"| {peak:.2f} | {predicted / GB:.2f} | {seconds:.0f} | {shape.seconds:.0f} | "
                    f"{shape.work_flops / 1e12:.2f} |")
             lines.append(row)
-            measured.append((fp32, peak - shape.gram_bytes / GB, shape.work_flops / 1e12, seconds))
+            measured.append((fp32, peak - statistics, shape.work_flops / 1e12, seconds))
             print(row, flush=True)
             shutil.rmtree(model)
             shutil.rmtree(Path(work) / f"out-{name}-{layers}")

@@ -32,4 +32,18 @@ def test_export_that_would_not_fit_this_machine_is_refused_before_loading(tmp_pa
         run(RunConfig(device=str(write_profile(tmp_path / "p.yaml")), model=str(tiny_model_dir), out=str(out)))
     assert not out.exists()
     monkeypatch.setenv(footprint.SKIP_CHECK, "1")  # the user's override
-    footprint.check_fits(tiny_model_dir, str(tiny_model_dir))
+    assert footprint.choose_streaming(tiny_model_dir, str(tiny_model_dir)) == (False, None)
+
+
+@pytest.mark.parametrize("arch", ["llama"], indirect=True)
+def test_a_model_that_fits_only_a_block_at_a_time_is_streamed(tiny_model_dir, monkeypatch):
+    needed = footprint.checkpoint_footprint(tiny_model_dir)
+    assert needed.streamed_peak_bytes < needed.peak_bytes
+    monkeypatch.setattr(footprint, "available_bytes", lambda: int(needed.peak_bytes - 1))
+    streamed, note = footprint.choose_streaming(tiny_model_dir, "m")
+    assert streamed and "a block at a time" in note
+    assert footprint.choose_streaming(tiny_model_dir, "m", requested=True) == (True, None)
+    with pytest.raises(UsageError, match=r"in memory, predicted.*or --layer-streaming"):
+        footprint.choose_streaming(tiny_model_dir, "m", requested=False)
+    monkeypatch.setattr(footprint, "available_bytes", lambda: int(needed.peak_bytes + 1))
+    assert footprint.choose_streaming(tiny_model_dir, "m") == (False, None)  # sensitivity needs the whole model
