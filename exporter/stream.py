@@ -152,8 +152,7 @@ def stream_export(checkpoint: Checkpoint, model: PreTrainedModel, tokenizer: Pre
     in-memory path rounds it by GPTQ on the final hidden states, known only after every block); an untied one
     is rounded by GPTQ at the end."""
     hand_back_freed_memory()
-    with checkpoint.outside_blocks(model):
-        return _stream(checkpoint, model, tokenizer, spec, options, precision, plan, method, inputs, folder, on_block)
+    return _stream(checkpoint, model, tokenizer, spec, options, precision, plan, method, inputs, folder, on_block)
 
 
 def _stream(checkpoint, model, tokenizer, spec, options, precision, plan, method, inputs, folder,
@@ -163,13 +162,14 @@ def _stream(checkpoint, model, tokenizer, spec, options, precision, plan, method
     head_name = lm_head_name(model)
     tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
     windows = heldout_windows(inputs.heldout, inputs.window)
-    calibration = embed(model, arch.blocks, list(inputs.calibration.batches))
-    heldout = embed(model, arch.blocks, [torch.tensor([piece]) for piece in windows])
-    compressed = embed(model, arch.blocks, inputs.prompts)  # the compressed model in fp32: the twin's reference
-    table = (({head_name: round_to_nearest(model.get_output_embeddings().weight.detach())} if tied else
-              untied_embedding(model)) if int4 else {})
-    with _rounded(model, checkpoint, table):
-        mirror = embed(model, arch.blocks, inputs.prompts)  # the PyTorch twin of the shipped weights
+    with checkpoint.outside_blocks(model):  # the vocabulary tables, loaded before the blocks and after them only
+        calibration = embed(model, arch.blocks, list(inputs.calibration.batches))
+        heldout = embed(model, arch.blocks, [torch.tensor([piece]) for piece in windows])
+        compressed = embed(model, arch.blocks, inputs.prompts)  # the compressed model in fp32: the twin's reference
+        table = (({head_name: round_to_nearest(model.get_output_embeddings().weight.detach())} if tied else
+                  untied_embedding(model)) if int4 else {})
+        with _rounded(model, checkpoint, table):
+            mirror = embed(model, arch.blocks, inputs.prompts)  # the PyTorch twin of the shipped weights
     picked = spectrum_layers(plan)
     layers, spectra = [], []
     (folder / "quality-reference").mkdir()
@@ -206,7 +206,7 @@ def _stream(checkpoint, model, tokenizer, spec, options, precision, plan, method
             mirror = through(block, mirror)
             release(block)
             on_block()
-
+        files.enter_context(checkpoint.outside_blocks(model))  # dropped before the data files close
         dense_nll = sum(head.nll(piece.hidden[0, :-1], torch.tensor(window[1:]))
                         for piece, window in zip(heldout, windows, strict=True))
         compressed_logits = [head.logits(piece.hidden[0]).numpy() for piece in compressed]
@@ -220,8 +220,8 @@ def _stream(checkpoint, model, tokenizer, spec, options, precision, plan, method
             rounded = {**quantize_modules(output, stats.result(), head_name), **table}
         reference_proto = reference.finish(nearest)
         shipped_proto, *exact_proto = (graph.finish(rounded) for graph in graphs)
-    apply_(model, rounded or {})  # the tables are dropped after this
-    mirror_logits = [head.logits(piece.hidden[0]).numpy() for piece in mirror]
+        apply_(model, rounded or {})  # the tables are dropped after this
+        mirror_logits = [head.logits(piece.hidden[0]).numpy() for piece in mirror]
     return Streamed(
         artifact=_save(shipped_proto, exact_proto, reference_proto, reference_path, folder, precision, options,
                        tokenizer, model, spec),
