@@ -47,7 +47,8 @@ class Checkpoint:
             raise UsageError(f"--model {source}: layer streaming reads safetensors weights and the folder has none")
 
     def tensor(self, name: str) -> torch.Tensor:
-        """One tensor in fp32, its bytes read from its shard alone."""
+        """One tensor as stored (bf16, say), its bytes read from its shard alone: copied into an fp32 parameter,
+        it is converted on the way, with no fp32 temporary."""
         if name not in self.entries:
             raise UsageError(f"--model {self.source}: the checkpoint has no tensor {name}; is it complete?")
         shard, dtype, shape, start, end = self.entries[name]
@@ -55,7 +56,7 @@ class Checkpoint:
         with open(shard, "rb") as f:
             f.seek(start)
             f.readinto(data)
-        return torch.frombuffer(data, dtype=dtype).reshape(shape).float() if data else torch.zeros(shape)
+        return torch.frombuffer(data, dtype=dtype).reshape(shape) if data else torch.zeros(shape, dtype=dtype)
 
     def skeleton(self) -> PreTrainedModel:
         """The model with its weights on the meta device (no memory) and its rotary tables computed."""
@@ -72,26 +73,25 @@ class Checkpoint:
         """`model` (a skeleton) with everything but its blocks loaded (embedding, final norm, lm_head): what runs
         before and after the blocks; dropped again at the end."""
         aside = [self.arch.blocks] + [name for name, _ in model.named_modules() if name.endswith("rotary_emb")]
+        head = next(name for name, module in model.named_modules() if module is model.get_output_embeddings())
+        if self.config.tie_word_embeddings and f"{head}.weight" not in self.entries:
+            aside.append(head)  # it is the embedding's table: never a table of its own, even for a moment
         with _set_aside(model, aside):  # the blocks stay on the meta device, the computed rotary tables as they are
             self.materialize(model, "")
-            model.tie_weights()
+        model.tie_weights()
         try:
             yield model
         finally:
             with _set_aside(model, aside):
                 release(model)
-                model.tie_weights()
+            model.tie_weights()
 
     def materialize(self, module: nn.Module, prefix: str) -> nn.Module:
         """Mutates `module` (at path `prefix`): its parameters read from the checkpoint, in fp32."""
         module.to_empty(device="cpu")
-        tied = self.config.tie_word_embeddings
         with torch.no_grad():
             for name, parameter in module.named_parameters():
-                path = ".".join(filter(None, (prefix, name)))
-                if tied and path == "lm_head.weight" and path not in self.entries:
-                    continue  # tie_weights() points it at the embedding's table
-                parameter.copy_(self.tensor(path))
+                parameter.copy_(self.tensor(".".join(filter(None, (prefix, name)))))
         return module
 
     @torch.no_grad()
