@@ -164,9 +164,9 @@ def plan(as_json, **options):
     for note in plan_notes(load_profile(options["device"])):
         click.echo(f"note: {note}")
     needed = export_footprint(loaded.model)
-    click.echo(f"exporting it needs about {needed.peak_bytes / 1e9:.1f} GB of memory in memory, "
-               f"{needed.streamed_peak_bytes / 1e9:.1f} GB a block at a time (--layer-streaming), and "
-               f"{needed.seconds / 60:.1f} min (predicted: README, \"Scale\")")
+    click.echo(f"exporting it needs about {needed.peak_bytes / 1e9:.1f} GB and {needed.seconds / 60:.1f} min in "
+               f"memory, {needed.streamed_peak_bytes / 1e9:.1f} GB and {needed.streamed_seconds / 60:.1f} min a block "
+               "at a time (--layer-streaming) (predicted: README, \"Scale\")")
 
 
 @main.command(name="eval")

@@ -9,7 +9,10 @@ process and its helpers, wait4's ru_maxrss) and wall time are recorded next to w
 `--layers 24 --shapes qwen2-0.5b` runs that shape at its real depth, where the statistics outweigh the weights.
 
     python scripts/bench_scale.py [--shapes smollm2-135m,qwen2-0.5b,llama-3.2-1b,llama-3.2-3b,llama-2-7b]
-                                  [--layers 2] [--out scripts/results/bench_scale.md]
+                                  [--layers 2] [--streaming] [--out scripts/results/bench_scale.md]
+
+The plot (scripts/results/bench_scale.png) is drawn from the four result tables (in memory and streamed, 2 blocks
+and real depth: bench_scale{,_depth,_streamed,_streamed_depth}.md) when they all exist.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import numpy as np
 import torch
 import yaml
 
-from exporter.footprint import BASE_BYTES, FP32_COPIES, STREAM_COPIES, checkpoint_footprint
+from exporter.footprint import BASE_BYTES, FP32_COPIES, STREAM_BASE_BYTES, STREAM_COPIES, checkpoint_footprint
 from exporter.synthetic import SHAPES, llama_config, write_checkpoint
 
 GB = 1e9
@@ -76,7 +79,8 @@ def main() -> None:
              f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / GB:.0f} GB; torch {torch.__version__}",
              f"export {'a block at a time (--layer-streaming)' if args.streaming else 'in memory (--in-memory)'}; "
              "fp32 GB: of what the export holds (streamed: the largest block and the tables outside the blocks); "
-             "statistics GB: the rest of the model's prediction (Gram matrices, streamed: and calibration states)",
+             "statistics GB: the rest of the model's prediction (Gram matrices; streamed: one block's and the "
+             "calibration states, or the int4 model validation holds where that is more)",
              "", "| shape | blocks | parameters | fp32 GB | statistics GB | peak GB (measured) | peak GB (model) | "
              "export s (measured) | export s (model) | work TFLOP |", "|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
@@ -90,9 +94,11 @@ def main() -> None:
             peak, seconds = export(model, profile, Path(work) / f"out-{name}-{layers}", args.streaming)
             fp32 = 4 * (shape.streamed_parameters if args.streaming else shape.parameters) / GB
             predicted = shape.streamed_peak_bytes if args.streaming else shape.peak_bytes
-            statistics = (predicted - BASE_BYTES - (STREAM_COPIES if args.streaming else FP32_COPIES) * fp32 * GB) / GB
+            base, copies = (STREAM_BASE_BYTES, STREAM_COPIES) if args.streaming else (BASE_BYTES, FP32_COPIES)
+            statistics = max(0.0, (predicted - base - copies * fp32 * GB) / GB)
+            predicted_seconds = shape.streamed_seconds if args.streaming else shape.seconds
             row = (f"| {name} | {layers} | {shape.parameters / 1e9:.2f} B | {fp32:.2f} | {statistics:.2f} "
-                   f"| {peak:.2f} | {predicted / GB:.2f} | {seconds:.0f} | {shape.seconds:.0f} | "
+                   f"| {peak:.2f} | {predicted / GB:.2f} | {seconds:.0f} | {predicted_seconds:.0f} | "
                    f"{shape.work_flops / 1e12:.2f} |")
             lines.append(row)
             measured.append((fp32, peak - statistics, shape.work_flops / 1e12, seconds))
@@ -105,6 +111,31 @@ def main() -> None:
                   "(the model's columns use exporter/footprint.py's constants, which are set from such fits)"]
         print("\n".join(lines[-4:]))
     Path(args.out).write_text("\n".join(lines) + "\n")
+    tables = {"in memory": [RESULTS / "bench_scale.md", RESULTS / "bench_scale_depth.md"],
+              "a block at a time": [RESULTS / "bench_scale_streamed.md", RESULTS / "bench_scale_streamed_depth.md"]}
+    if all(table.exists() for files in tables.values() for table in files):
+        plot(tables, RESULTS / "bench_scale.png")
+
+
+def plot(tables: dict[str, list[Path]], out: Path) -> None:
+    """Peak memory and wall time against parameters, one line per way of exporting, from its result tables."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (memory, time_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, files in tables.items():
+        rows = [[cell.strip() for cell in line.strip("|").split("|")] for table in files
+                for line in table.read_text().splitlines() if line.startswith("| ") and not line.startswith("| shape")]
+        points = sorted((float(r[2].split()[0]), float(r[5]), float(r[7])) for r in rows)
+        memory.plot([p for p, _, _ in points], [m for _, m, _ in points], "o-", label=label)
+        time_axis.plot([p for p, _, _ in points], [t for _, _, t in points], "o-", label=label)
+    memory.set(xlabel="parameters exported (B)", ylabel="peak resident GB", title="memory")
+    time_axis.set(xlabel="parameters exported (B)", ylabel="wall s (2 cores)", title="time")
+    memory.legend()
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
 
 
 def fit(what: str, points: list[tuple[float, float]], per: str) -> str:

@@ -18,6 +18,7 @@ from onnx import numpy_helper
 from test_pipeline import write_profile
 
 from exporter.checkpoint import INDEX_FILE
+from exporter.errors import UsageError
 from exporter.pipeline import RunConfig, run
 from exporter.synthetic import llama_config, write_checkpoint
 
@@ -114,3 +115,13 @@ def test_checkpoint_larger_than_the_memory_cap_exports_under_it(tmp_path):
                            str(reference), "--in-memory", *common], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_weights(block_weights(out / "model.onnx"), block_weights(reference / "model.onnx"))
+
+
+@pytest.mark.parametrize("arch", ["llama"], indirect=True)
+@pytest.mark.parametrize("flags", [{"method": "basel"}, {"evaluate": "gsm8k:2"}])
+def test_what_needs_the_whole_model_is_refused_before_streaming(tmp_path, tiny_model_dir, monkeypatch, flags):
+    monkeypatch.setattr("exporter.pipeline.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(UsageError, match="whole"):
+        run(RunConfig(device=str(write_profile(tmp_path / "p.yaml")), model=str(tiny_model_dir), streaming=True,
+                      out=str(tmp_path / "out"), **flags))
+    assert not (tmp_path / "out").exists()
