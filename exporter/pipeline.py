@@ -1,5 +1,6 @@
 """One `edgeslim export` run, top to bottom: profile -> calibrate -> plan -> select -> factorize -> quantize ->
-export -> validate -> quality -> report.
+export -> validate -> quality -> report. A model that does not fit in memory goes through select ... export a
+decoder block at a time (`_build_streamed`, exporter.stream).
 
 Outputs are atomic (exporter.output): everything is written into a hidden temporary folder beside the destination
 and moved into place at the end; a failed run's files go to `<out>.failed/`, an interrupted run's are removed.
@@ -132,7 +133,7 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
             for attempt in range(MEMORY_ATTEMPTS):
                 rank_plan = _plan(config, loaded, spec, planning, data, method, progress)
                 if streamed:
-                    built = _build_streamed(loaded, spec, profile, rank_plan, method, data, prompts,
+                    built = _build_streamed(loaded, spec, profile, rank_plan, method,
                                             StreamInputs(data.calibration, heldout, window, prompts), threads,
                                             staging, progress)
                 else:
@@ -236,7 +237,7 @@ def _build(loaded, spec, profile, rank_plan, method, stats, data, prompts, threa
     return _Built(mirror, layers, spectra, artifact, parity, missing, agreement, measurement)
 
 
-def _build_streamed(loaded, spec, profile, rank_plan, method, data, prompts, inputs: StreamInputs, threads, staging,
+def _build_streamed(loaded, spec, profile, rank_plan, method, inputs: StreamInputs, threads, staging,
                     progress) -> _Built:
     """`_build` a block at a time (exporter.stream): select, factorize, quantize and export in one pass over the
     checkpoint; parity on every prompt position."""
@@ -246,8 +247,9 @@ def _build_streamed(loaded, spec, profile, rank_plan, method, data, prompts, inp
                              rank_plan, method, inputs, staging, lambda: progress.advance(stage))
     artifact = streamed.artifact
     parity, missing, agreement = _stage(progress, "validating in onnxruntime", None, lambda _: validate_positions(
-        artifact, prompts, streamed.compressed_logits, streamed.mirror_logits, profile.execution_providers, threads))
-    measurement = _measure(artifact, profile, prompts, threads, staging, progress)
+        artifact, inputs.prompts, streamed.compressed_logits, streamed.mirror_logits, profile.execution_providers,
+        threads))
+    measurement = _measure(artifact, profile, inputs.prompts, threads, staging, progress)
     return _Built(None, streamed.layers, streamed.spectra, artifact, parity, missing, agreement, measurement,
                   (streamed.reference_file, streamed.dense_nll))
 

@@ -128,9 +128,11 @@ def plot(tables: dict[str, list[Path]], out: Path) -> None:
     for label, files in tables.items():
         rows = [[cell.strip() for cell in line.strip("|").split("|")] for table in files
                 for line in table.read_text().splitlines() if line.startswith("| ") and not line.startswith("| shape")]
-        points = sorted((float(r[2].split()[0]), float(r[5]), float(r[7])) for r in rows)
-        memory.plot([p for p, _, _ in points], [m for _, m, _ in points], "o-", label=label)
-        time_axis.plot([p for p, _, _ in points], [t for _, _, t in points], "o-", label=label)
+        points = sorted((float(r[2].split()[0]), float(r[5]), float(r[7]), f"{r[0]} x{r[1]}") for r in rows)
+        memory.plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)
+        time_axis.plot([p[0] for p in points], [p[2] for p in points], "o-", label=label)
+        for parameters, peak, _, name in points:  # the peak follows a block's width, not the parameter count
+            memory.annotate(name, (parameters, peak), fontsize=6, xytext=(3, 3), textcoords="offset points")
     memory.set(xlabel="parameters exported (B)", ylabel="peak resident GB", title="memory")
     time_axis.set(xlabel="parameters exported (B)", ylabel="wall s (2 cores)", title="time")
     memory.legend()
