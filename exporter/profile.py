@@ -118,7 +118,8 @@ def _check_fields(
         if not isinstance(key, str) or key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known fields: {', '.join(fields)}"
-            raise UsageError(f"{source}: unknown field {prefix}{key}{hint}")
+            shown = key if isinstance(key, str) and key.isprintable() else repr(key)  # the error stays one line
+            raise UsageError(f"{source}: unknown field {prefix}{shown}{hint}")
     for key, (expected, required) in fields.items():
         if key not in raw:
             if required:

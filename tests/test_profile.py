@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import yaml
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from exporter.errors import UsageError
@@ -93,6 +93,7 @@ yaml_values = st.recursive(
     ["name", "threads", "precision", "context_length", "memory_budget_mib", "execution_providers",
      "latency.decode_ms_per_token", "latency.prefill_ms", "latency.prefill_tokens",
      "hardware.memory_bandwidth_gbps", "hardware.compute_gflops", "latency", "hardware"])), value=yaml_values)
+@example(mutation="set", key="hardware", value={"\n": None})  # found by hypothesis: a field name with a newline
 def test_mutated_profiles_never_raise_anything_else(mutation, key, value):
     if mutation == "drop":
         raw = with_change(key, KeyError)
