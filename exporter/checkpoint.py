@@ -64,8 +64,7 @@ class Checkpoint:
             model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
         for name, module in list(model.named_modules()):  # rotary tables are computed, not stored
             if name.endswith("rotary_emb"):
-                owner, _, attribute = name.rpartition(".")
-                setattr(model.get_submodule(owner), attribute, type(module)(config=model.config))
+                _put(model, name, type(module)(config=model.config))
         return model.eval()
 
     @contextmanager
@@ -138,14 +137,18 @@ def _set_aside(model: nn.Module, paths: list[str]) -> Iterator[None]:
     """`model` without these submodules for a while (empty modules in their place), then with them again."""
     kept = {path: model.get_submodule(path) for path in paths}
     for path in paths:
-        owner, _, attribute = path.rpartition(".")
-        setattr(model.get_submodule(owner), attribute, nn.Module())
+        _put(model, path, nn.Module())
     try:
         yield
     finally:
         for path, module in kept.items():
-            owner, _, attribute = path.rpartition(".")
-            setattr(model.get_submodule(owner), attribute, module)
+            _put(model, path, module)
+
+
+def _put(model: nn.Module, path: str, module: nn.Module) -> None:
+    """`module` at `path` in `model`, in place of what was there."""
+    owner, _, attribute = path.rpartition(".")
+    setattr(model.get_submodule(owner), attribute, module)
 
 
 def _header(shard: Path, source: str) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
