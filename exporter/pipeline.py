@@ -59,7 +59,7 @@ from exporter.report import budget_checks, failure_lines, ort_failures, print_su
 from exporter.report_html import write_html
 from exporter.select import SelectionMethod, get_method
 from exporter.sensitivity import layer_costs, output_fisher
-from exporter.stream import StreamInputs, stream_export
+from exporter.stream import StreamInputs, relearn_share, stream_export
 from exporter.tasks import DEFAULT_TASK, Task, data_dir, get_task, sample
 from exporter.validate import CPU, GREEDY_STEPS, host_figures, measure_session, validate_parity, validate_positions
 from exporter.vocabulary import prune_vocabulary_, token_ranking, vocabulary_costs
@@ -99,8 +99,8 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
     """profile -> calibrate -> plan -> select -> factorize -> quantize -> export -> validate -> quality -> report;
     raises ValidationFailed.
 
-    Under `accelerate launch` / torchrun with several processes, every process takes part in relearning (basel)
-    and only the main one goes on to export; the others return None."""
+    Under `accelerate launch` / torchrun with several processes, every process takes part in relearning (basel,
+    basel-layerwise) and only the main one goes on to export; the others return None."""
     console = console or Console(stderr=True)
     profile = load_profile(config.device)
     if config.max_ppl_ratio is not None:
@@ -132,6 +132,9 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
             planning = profile  # what the plan aims at: the profile, tightened if memory was underestimated
             for attempt in range(MEMORY_ATTEMPTS):
                 rank_plan = _plan(config, loaded, spec, planning, data, method, progress)
+                if streamed and _helper_process():
+                    _share_streamed_relearning(loaded, spec, rank_plan, method, data.calibration, progress)
+                    return None
                 if streamed:
                     built = _build_streamed(loaded, spec, profile, rank_plan, method,
                                             StreamInputs(data.calibration, heldout, window, prompts), threads,
@@ -241,7 +244,8 @@ def _build_streamed(loaded, spec, profile, rank_plan, method, inputs: StreamInpu
                     progress) -> _Built:
     """`_build` a block at a time (exporter.stream): select, factorize, quantize and export in one pass over the
     checkpoint; parity on every prompt position."""
-    stage = progress.add_task(f"compressing and exporting block by block ({method.name})", total=spec.num_layers)
+    stage = progress.add_task(f"compressing and exporting block by block ({method.name}){_on_processes(method)}",
+                              total=spec.num_layers)
     options = GraphOptions(profile.context_length, rank_plan.activations, profile.kv_cache_precision)
     streamed = stream_export(loaded.checkpoint, loaded.model, loaded.tokenizer, spec, options, profile.precision,
                              rank_plan, method, inputs, staging, lambda: progress.advance(stage))
@@ -252,6 +256,15 @@ def _build_streamed(loaded, spec, profile, rank_plan, method, inputs: StreamInpu
     measurement = _measure(artifact, profile, inputs.prompts, threads, staging, progress)
     return _Built(None, streamed.layers, streamed.spectra, artifact, parity, missing, agreement, measurement,
                   (streamed.reference_file, streamed.dense_nll))
+
+
+def _share_streamed_relearning(loaded, spec, rank_plan, method, calibration, progress) -> None:
+    """A secondary process of a multi-process launch, streaming: its share of each block's relearning (nothing
+    to do for a method that does not train)."""
+    if method.needs == "blocks":
+        stage = progress.add_task(f"relearning a share of each block ({method.name})", total=spec.num_layers)
+        relearn_share(loaded.checkpoint, loaded.model, spec, rank_plan, method, calibration,
+                      lambda: progress.advance(stage))
 
 
 def _measure(artifact: OnnxArtifact, profile, prompts, threads: int, staging: Path, progress) -> Measurement:
@@ -275,9 +288,15 @@ def _streamed(config: RunConfig, method: SelectionMethod, console: Console) -> b
         streamed, note = choose_streaming(folder, config.model, config.trust_remote_code, config.streaming)
         if note:
             console.print(note)
-    if streamed and method.needs not in ("nothing", "activations"):
+    if method.needs == "blocks" and not streamed:
+        if config.streaming is False:
+            raise UsageError(f"--method {method.name} relearns a block at a time, which is layer streaming: drop "
+                             "--in-memory, or choose basel to relearn through the whole model")
+        console.print(f"--method {method.name}: exporting a block at a time")
+        streamed = True
+    if streamed and method.needs not in ("nothing", "activations", "blocks"):
         raise UsageError(f"--method {method.name} needs {method.needs} through the whole model, which layer "
-                         "streaming never holds; choose svdllm or svd")
+                         "streaming never holds; choose svdllm, svd or basel-layerwise")
     if streamed and config.evaluate:
         raise UsageError("--eval runs the whole PyTorch model, which layer streaming never holds; drop --eval "
                          "or --layer-streaming")
@@ -426,8 +445,7 @@ def _method_stats(config, loaded, rank_plan, data: TaskData, method, progress) -
         return data.activations
     calibration = data.calibration
     names = [layer.name for layer in rank_plan.factorized]
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    where = f" on {processes} processes" if processes > 1 and method.needs == "training" else ""
+    where = _on_processes(method)
     ranks = {layer.name: layer.rank for layer in rank_plan.factorized}
     pruned_to = repr(ranks) if method.needs == "training" else ""  # only training prunes to the ranks
     key = tensor_key("stats", method.name, loaded.fingerprint, calibration.fingerprint, repr(names), pruned_to)
@@ -444,6 +462,12 @@ def _remove_validation_graphs(artifact: OnnxArtifact) -> OnnxArtifact:
         Path(path).unlink()
         Path(path).with_name(Path(path).name + ".data").unlink(missing_ok=True)  # variants read the shipped file
     return replace(artifact, reference_file=removed, exact_file=removed, all_positions_file=removed)
+
+
+def _on_processes(method: SelectionMethod) -> str:
+    """' on N processes' when a multi-process launch shares the method's relearning, else ''."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    return f" on {processes} processes" if processes > 1 and method.needs in ("training", "blocks") else ""
 
 
 def _helper_process() -> bool:

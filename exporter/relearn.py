@@ -17,9 +17,13 @@ each layer lands exactly on its planned rank) rather than by coefficient mass.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, send_to_device
 from torch import nn
 
 from exporter.baselines import SVDLLM, whitening
@@ -76,28 +80,9 @@ class Basel(SelectionMethod):
         if ranks is None:
             raise ValueError("basel needs the planned rank of every layer")
         grams = {name: entry["gram"] for name, entry in activation_stats(model, calibration, names, advance).items()}
-        originals = {name: model.get_submodule(name) for name in names}
-        layers = {}
-        for name, module in originals.items():
-            lower = whitening(grams[name], name)
-            u, s, vh = svd(module.weight.double() @ lower, name, cache=self.cache)
-            unwhitened = torch.linalg.solve_triangular(lower, vh, upper=False, left=False)  # V^T L^-1
-            layers[name] = BasisLinear(u, s, unwhitened, None if module.bias is None else module.bias.detach())
-            _swap(model, name, layers[name])
-        flags = {p: p.requires_grad for p in model.parameters()}
-        try:
-            for p in model.parameters():
-                p.requires_grad_(False)
-            trainable = [p for layer in layers.values() for p in (layer.w, layer.a, layer.b)]
-            for p in trainable:
-                p.requires_grad_(True)
-            _train(model, calibration, layers, ranks, trainable, advance)
-            return {name: {"weight": layer.merged(), "gram": grams[name]} for name, layer in layers.items()}
-        finally:
-            for name, module in originals.items():
-                _swap(model, name, module)
-            for p, flag in flags.items():
-                p.requires_grad_(flag)
+        with _relearning(model, grams, self.cache) as layers:
+            _train(model, list(calibration.batches), _next_token_loss, layers, ranks, advance)
+            return _merged(layers, grams)
 
     def select(self, weight, bias, stats, rank):
         return SVDLLM(self.cache).select(stats["weight"].to(weight.dtype), bias, stats, rank)
@@ -106,30 +91,102 @@ class Basel(SelectionMethod):
         return SVDLLM(self.cache).scores(stats["weight"], stats)
 
 
-def _train(model, calibration, layers, ranks, trainable, advance) -> None:
-    """The training loop runs on Hugging Face accelerate: one process on this machine's CPU (or its GPU), or data
+@register
+class LayerwiseBasel(Basel):
+    """Basel with each decoder block trained on its own inputs and outputs instead of through the whole model, so
+    relearning needs one block in memory (layer streaming, exporter.stream): the block's coefficients are trained
+    until the block, its planned projections on their bases, reproduces what the dense block computes on the
+    task's calibration windows (relative squared error of the block's output). Same bases, new bases, pruning
+    schedule and re-decomposition as `basel`; the objective is local, as in SVD-LLM's and GPTQ's per-layer view,
+    but over a whole block (attention and MLP together) and with the task's data."""
+
+    name = "basel-layerwise"
+    needs = "blocks"
+    passes = EPOCHS
+    description = "Basel a block at a time: each block's bases relearned to reproduce its dense outputs on the task"
+
+    def collect(self, model, calibration, names, advance=lambda: None, ranks=None):
+        raise UsageError("basel-layerwise relearns a block at a time: it runs with --layer-streaming")
+
+    def collect_block(self, model, block, inputs, outputs, grams, ranks):
+        with _relearning(model, {name: grams[name]["gram"] for name in ranks}, self.cache) as layers:
+            examples = [(x.hidden, x.kwargs, y.hidden) for x, y in zip(inputs, outputs, strict=True)]
+            _train(block, examples, _block_output_loss, layers, ranks, lambda: None)
+            return _merged(layers, {name: grams[name]["gram"] for name in ranks})
+
+
+def _next_token_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=batch, labels=batch).loss
+
+
+def _block_output_loss(block: nn.Module, example: tuple) -> torch.Tensor:
+    """Squared error of the block's output against the dense block's, relative to the dense output's energy."""
+    hidden, kwargs, target = example
+    out = block(hidden, **kwargs)
+    out = out[0] if isinstance(out, tuple) else out
+    return (out - target).square().sum() / target.square().sum()
+
+
+@contextmanager
+def _relearning(model: nn.Module, grams: dict[str, torch.Tensor], cache) -> Iterator[dict[str, BasisLinear]]:
+    """Each projection named in `grams` swapped for a BasisLinear over the bases of its whitened SVD, with only
+    the coefficients and new bases trainable; the model leaves as it came (modules and requires_grad flags)."""
+    originals = {name: model.get_submodule(name) for name in grams}
+    layers = {}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for name, module in originals.items():
+            lower = whitening(grams[name], name)
+            u, s, vh = svd(module.weight.double() @ lower, name, cache=cache)
+            unwhitened = torch.linalg.solve_triangular(lower, vh, upper=False, left=False)  # V^T L^-1
+            layers[name] = BasisLinear(u, s, unwhitened, None if module.bias is None else module.bias.detach())
+            _swap(model, name, layers[name])
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for layer in layers.values():
+            for p in (layer.w, layer.a, layer.b):
+                p.requires_grad_(True)
+        yield layers
+    finally:
+        for name, module in originals.items():
+            _swap(model, name, module)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+
+def _merged(layers: dict[str, BasisLinear], grams: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """What `select` re-decomposes: each layer's relearned matrix and the Gram matrix to whiten it by."""
+    return {name: {"weight": layer.merged(), "gram": grams[name]} for name, layer in layers.items()}
+
+
+def _train(module: nn.Module, examples: list, loss_of: Callable[[nn.Module, Any], torch.Tensor],
+           layers: dict[str, BasisLinear], ranks: dict[str, int], advance: Callable[[], None]) -> None:
+    """`EPOCHS` passes of Adam over `examples` on the layers' coefficients and new bases, minimising
+    `loss_of(module, example)`, pruning each layer down to its rank after the first epoch.
+
+    The training loop runs on Hugging Face accelerate: one process on this machine's CPU (or its GPU), or data
     parallel (DDP: gloo on CPUs, NCCL on GPUs) over every process of a torchrun / `accelerate launch` (each takes
-    its share of the batches, the gradients are averaged, so every process prunes the same bases). The frozen
-    bases are buffers that never change, so they are not re-broadcast each step. The model comes back on the CPU."""
+    its share of the examples, the gradients are averaged, so every process prunes the same bases). The frozen
+    bases are buffers that never change, so they are not re-broadcast each step. `module` comes back on the CPU."""
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),  # cpu=True is what lets torchrun's CPU ranks meet
                               kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         # the merged weights are read from the layers' own parameters, which sharding would split across ranks
         raise UsageError(f"relearning runs data-parallel; {accelerator.distributed_type.value} sharding is not "
                          "supported yet: launch with torchrun or `accelerate launch --multi_gpu`")
+    trainable = [p for layer in layers.values() for p in (layer.w, layer.a, layer.b)]
     optimizer = torch.optim.Adam(trainable, lr=LEARNING_RATE)
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    wrapped, optimizer = accelerator.prepare(module, optimizer)
     world, rank = accelerator.num_processes, accelerator.process_index
-    batches = calibration.batches[rank::world][: max(1, len(calibration.batches) // world)]
-    total = EPOCHS * len(batches)
-    prune_from = len(batches)  # one epoch of relearning only, then prune while training
+    share = examples[rank::world][: max(1, len(examples) // world)]
+    total = EPOCHS * len(share)
+    prune_from = len(share)  # one epoch of relearning only, then prune while training
     prune_every = max(1, (total - prune_from) // PRUNE_STEPS)
     step = 0
     for _ in range(EPOCHS):
-        for batch in batches:
-            batch = batch.to(accelerator.device)
+        for example in share:
             with torch.enable_grad():
-                loss = wrapped(input_ids=batch, labels=batch).loss
+                loss = loss_of(wrapped, send_to_device(example, accelerator.device))
                 optimizer.zero_grad()
                 accelerator.backward(loss)
                 optimizer.step()

@@ -1,13 +1,16 @@
 """Basis selection: which rank-1 bases u_i v_i^T of each W = U diag(s) V^T a layer keeps.
 
 A method is a class registered with `@register`. It declares what data it needs (`needs`: nothing, activations,
-gradients or training), so the pipeline runs the right calibration pass, and has three parts:
+gradients, training through the whole model, or blocks: a decoder block's own inputs and outputs), so the pipeline
+runs the right calibration pass, and has three parts:
 - `collect(model, calibration, names, ...)`: statistics per layer from the target application's data (hooks that
-  remove themselves; the training-based method relearns here). Methods that need nothing return {}.
+  remove themselves; the training-based method relearns here). Methods that need nothing return {}. When the
+  export runs a block at a time, `collect_block` takes its place, per block.
 - `select(weight, bias, stats, rank)`: pure linear algebra on one matrix, returning the two factors.
 - `scores(weight, stats)`: what each basis is worth, in keeping order, for the budget-driven allocation.
-Built-in methods: `svd` here, `asvd`/`svdllm`/`fwsvd` in baselines.py, `taylor` in importance.py, `basel` in
-relearn.py. A numerical failure raises NumericalError naming the layer; nothing is ever silently replaced.
+Built-in methods: `svd` here, `asvd`/`svdllm`/`fwsvd` in baselines.py, `taylor` in importance.py, `basel` and
+`basel-layerwise` in relearn.py. A numerical failure raises NumericalError naming the layer; nothing is ever
+silently replaced.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from exporter.cache import TensorCache, tensor_key
 from exporter.calibration import Calibration
 from exporter.errors import NumericalError, UsageError
 
-Needs = Literal["nothing", "activations", "gradients", "training"]
+Needs = Literal["nothing", "activations", "gradients", "training", "blocks"]
 
 
 @dataclass
@@ -61,6 +64,14 @@ class SelectionMethod(ABC):
         """Statistics per layer name (`advance` is called once per batch and pass); none by default. `ranks`
         (the plan's) matters only to methods that prune while they train."""
         return {}
+
+    def collect_block(self, model: nn.Module, block: nn.Module, inputs: list, outputs: list, stats: dict,
+                      ranks: dict[str, int]) -> dict:
+        """Statistics per layer of one decoder block, when exporting a block at a time (exporter.stream):
+        `inputs` and `outputs` are the dense block's calibration pieces (hidden states and the block's other
+        arguments), `stats` the InputStats of its projections, `ranks` the planned ranks of those it factorizes.
+        By default the input statistics, which are all the activation methods read."""
+        return stats
 
     @abstractmethod
     def select(self, weight: torch.Tensor, bias: torch.Tensor | None, stats: Any, rank: int) -> Factors:

@@ -11,12 +11,15 @@ them) does, per block:
    precision, what quality is judged against);
 3. select bases and factorize the layers the plan factorizes, round with GPTQ, add the block to the shipped graph
    (its weights go straight into the data file) and run the prompts' mirror stream through the rounded block:
-   the PyTorch twin the shipped graph's logits are proven against.
-The embedding, final norm and lm_head stay loaded; the lm_head is rounded last, on the final hidden states.
+   the PyTorch twin the shipped graph's logits are proven against. A method that learns from the block itself
+   (`collect_block`: basel-layerwise relearns the block's bases to reproduce its dense outputs) does so before 3.
+The embedding, final norm and lm_head are loaded before the blocks and after them only. The lm_head is rounded by
+GPTQ on the final hidden states: last when untied; a table tied to the embedding is needed before block 0, so at
+int4 a dense pass over the blocks on the calibration windows comes first, for its final states.
 
 Parity is teacher-forced (every position of each prompt in one pass), since greedy generation would take one pass
 over the checkpoint per token. What needs the whole model at once is not done here: layer sensitivity (the plan
-allocates one keep ratio), relearning, vocabulary pruning and `--eval`.
+allocates one keep ratio), relearning through the whole model (basel), vocabulary pruning and `--eval`.
 """
 
 from __future__ import annotations
@@ -147,10 +150,10 @@ def stream_export(checkpoint: Checkpoint, model: PreTrainedModel, tokenizer: Pre
     """The export (graph, tokenizer and runtime files in `folder`) of `checkpoint` compressed by `plan`, a block
     at a time; `model` is its skeleton (exporter.checkpoint: weights on the meta device).
 
-    At int4 the vocabulary table is rounded first, to nearest, as the embedding (a lookup) wants it: the twin's
-    prompts must enter the blocks through the shipped table. A tied lm_head therefore keeps that rounding (the
-    in-memory path rounds it by GPTQ on the final hidden states, known only after every block); an untied one
-    is rounded by GPTQ at the end."""
+    At int4 the vocabulary tables are rounded before the blocks, since the twin's prompts enter the blocks through
+    the shipped embedding: an untied embedding to nearest (a lookup), a tied table by GPTQ on the dense model's
+    final hidden states, as the in-memory path rounds it, which costs one more dense pass over the blocks on the
+    calibration windows first. An untied lm_head is rounded by GPTQ at the end."""
     hand_back_freed_memory()
     return _stream(checkpoint, model, tokenizer, spec, options, precision, plan, method, inputs, folder, on_block)
 
@@ -166,10 +169,14 @@ def _stream(checkpoint, model, tokenizer, spec, options, precision, plan, method
         calibration = embed(model, arch.blocks, list(inputs.calibration.batches))
         heldout = embed(model, arch.blocks, [torch.tensor([piece]) for piece in windows])
         compressed = embed(model, arch.blocks, inputs.prompts)  # the compressed model in fp32: the twin's reference
-        table = (({head_name: round_to_nearest(model.get_output_embeddings().weight.detach())} if tied else
-                  untied_embedding(model)) if int4 else {})
-        with _rounded(model, checkpoint, table):
-            mirror = embed(model, arch.blocks, inputs.prompts)  # the PyTorch twin of the shipped weights
+        nearest_table = {head_name: round_to_nearest(model.get_output_embeddings().weight.detach())} if tied else {}
+        table = (nearest_table if tied else untied_embedding(model)) if int4 else {}
+    if int4 and tied:  # GPTQ needs the final hidden states: one dense pass over the blocks gives them first
+        final = carry(checkpoint, model, spec, calibration)
+        with checkpoint.outside_blocks(model):
+            table = quantize_modules(model.get_output_embeddings(), _head_stats(head, head_name, final), head_name)
+    with checkpoint.outside_blocks(model), _rounded(model, checkpoint, table):
+        mirror = embed(model, arch.blocks, inputs.prompts)  # the PyTorch twin of the shipped weights
     picked = spectrum_layers(plan)
     layers, spectra = [], []
     (folder / "quality-reference").mkdir()
@@ -185,18 +192,14 @@ def _stream(checkpoint, model, tokenizer, spec, options, precision, plan, method
                                        files.enter_context(DataFile(folder / f"{EXACT_FILE}.data"))))
         for index in range(spec.num_layers):
             prefix = checkpoint.block_path(index)
-            block = checkpoint.materialize(model.get_submodule(prefix), prefix)
-            names = [layer.name for layer in spec.layers if layer.name.startswith(prefix + ".")]
-            stats = InputStats()
-            with stats.watching(model, names):
-                calibration = through(block, calibration)
-            grams = stats.result()
+            block, calibration, grams, selection = _calibrate(checkpoint, model, spec, index, calibration, plan,
+                                                              method)
             heldout = through(block, heldout)
             reference.add_block(index, quantize_modules(block, None, prefix) if int4 else None)
 
-            factorized = [layer for layer in plan.factorized if layer.name in names]
-            spectra += [layer_spectrum(layer, model, method, grams) for layer in factorized if layer in picked]
-            layers += factorize_(model, replace(plan, layers=tuple(factorized)), method, grams)
+            factorized = [layer for layer in plan.factorized if layer.name.startswith(prefix + ".")]
+            spectra += [layer_spectrum(layer, model, method, selection) for layer in factorized if layer in picked]
+            layers += factorize_(model, replace(plan, layers=tuple(factorized)), method, selection)
             compressed = through(block, compressed)
             quantized = quantize_modules(block, grams, prefix) if int4 else None
             for graph in graphs:
@@ -210,14 +213,13 @@ def _stream(checkpoint, model, tokenizer, spec, options, precision, plan, method
         dense_nll = sum(head.nll(piece.hidden[0, :-1], torch.tensor(window[1:]))
                         for piece, window in zip(heldout, windows, strict=True))
         compressed_logits = [head.logits(piece.hidden[0]).numpy() for piece in compressed]
-        nearest = rounded = table if int4 and tied else None
-        if int4 and not tied:  # the lm_head: to nearest for the reference, by GPTQ on the final states to ship
-            stats = InputStats()
-            for piece in calibration:
-                stats.accumulate(head_name, head.norm(piece.hidden))
+        nearest = rounded = None  # the lm_head: to nearest for the reference, by GPTQ on the final states to ship
+        if int4 and tied:
+            nearest, rounded = nearest_table, table
+        elif int4:
             output = model.get_output_embeddings()
             nearest = {**quantize_modules(output, None, head_name), **table}
-            rounded = {**quantize_modules(output, stats.result(), head_name), **table}
+            rounded = {**quantize_modules(output, _head_stats(head, head_name, calibration), head_name), **table}
         reference_proto = reference.finish(nearest)
         shipped_proto, *exact_proto = (graph.finish(rounded) for graph in graphs)
         apply_(model, rounded or {})  # the tables are dropped after this
@@ -228,6 +230,62 @@ def _stream(checkpoint, model, tokenizer, spec, options, precision, plan, method
         layers=tuple(layers), spectra=tuple(spectra), compressed_logits=compressed_logits,
         mirror_logits=mirror_logits, dense_nll=dense_nll, reference_file=reference_path.with_name(ALL_POSITIONS_FILE),
     )
+
+
+def _calibrate(checkpoint: Checkpoint, model: PreTrainedModel, spec: ModelSpec, index: int, calibration: list[Piece],
+               plan: RankPlan, method: SelectionMethod) -> tuple[nn.Module, list[Piece], dict, dict]:
+    """Block `index` read from the checkpoint and run densely on the calibration stream: the block, its outputs,
+    its projections' input statistics (what GPTQ rounds by) and the method's statistics for the layers the plan
+    factorizes in it (`collect_block`: the same statistics, or relearned weights)."""
+    prefix = checkpoint.block_path(index)
+    block = checkpoint.materialize(model.get_submodule(prefix), prefix)
+    names = [layer.name for layer in spec.layers if layer.name.startswith(prefix + ".")]
+    stats = InputStats()
+    with stats.watching(model, names):
+        outputs = through(block, calibration)
+    grams = stats.result()
+    ranks = {layer.name: layer.rank for layer in plan.factorized if layer.name in names}
+    selection = method.collect_block(model, block, calibration, outputs, grams, ranks) if ranks else grams
+    return block, outputs, grams, selection
+
+
+def _head_stats(head: _Head, head_name: str, final: list[Piece]) -> dict:
+    """The lm_head's input statistics on the calibration windows' final hidden states (what GPTQ rounds it by)."""
+    stats = InputStats()
+    for piece in final:
+        stats.accumulate(head_name, head.norm(piece.hidden))
+    return stats.result()
+
+
+def carry(checkpoint: Checkpoint, model: PreTrainedModel, spec: ModelSpec, calibration: list[Piece],
+          plan: RankPlan | None = None, method: SelectionMethod | None = None,
+          on_block: Callable[[], None] = lambda: None) -> list[Piece]:
+    """The calibration pieces carried through every dense block: the final hidden states. With a plan and a
+    method, each block's statistics are collected on the way and the method's `collect_block` runs (a secondary
+    process's share of the relearning)."""
+    for index in range(spec.num_layers):
+        if method is None:
+            prefix = checkpoint.block_path(index)
+            block = checkpoint.materialize(model.get_submodule(prefix), prefix)
+            calibration = through(block, calibration)
+        else:
+            block, calibration, _, _ = _calibrate(checkpoint, model, spec, index, calibration, plan, method)
+        release(block)
+        on_block()
+    return calibration
+
+
+def relearn_share(checkpoint: Checkpoint, model: PreTrainedModel, spec: ModelSpec, plan: RankPlan,
+                  method: SelectionMethod, calibration: Calibration, on_block: Callable[[], None] = lambda: None
+                  ) -> None:
+    """What a secondary process of a multi-process launch does: the same pass over the checkpoint's blocks on the
+    same calibration stream, taking its share of each block's relearning (`collect_block`, data-parallel), while
+    the main process also exports. Every process runs every calibration window through the dense blocks, so the
+    statistics are whole in each without exchanging them; only the training is split."""
+    hand_back_freed_memory()
+    with checkpoint.outside_blocks(model):
+        pieces = embed(model, checkpoint.arch.blocks, list(calibration.batches))
+    carry(checkpoint, model, spec, pieces, plan, method, on_block)
 
 
 @contextmanager

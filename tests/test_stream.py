@@ -23,11 +23,11 @@ from exporter.pipeline import RunConfig, run
 from exporter.synthetic import llama_config, write_checkpoint
 
 
-def block_weights(model_file: Path) -> dict[str, np.ndarray]:
+def block_weights(model_file: Path, prefixes: tuple[str, ...] = ("model.layers.",)) -> dict[str, np.ndarray]:
     """The decoder blocks' weights of an exported graph (int4 codes, scales, zero points), by name."""
     proto = onnx.load(str(model_file))
     return {init.name: numpy_helper.to_array(init, base_dir=str(model_file.parent))
-            for init in proto.graph.initializer if init.name.startswith("model.layers.")}
+            for init in proto.graph.initializer if init.name.startswith(prefixes)}
 
 
 def assert_same_weights(streamed: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> None:
@@ -56,8 +56,10 @@ def test_streamed_export_writes_the_in_memory_exports_block_weights(tmp_path, ti
     assert [p.graph for p in streamed.parity if p.gated] == ["int4 weights, exact compute (every prompt position)"]
     assert all(p.passed for p in streamed.parity if p.gated)
     assert [layer.rank for layer in streamed.layers] == [layer.rank for layer in in_memory.layers]
-    weights = {s: block_weights(Path(results[s].artifact.folder) / "model.onnx") for s in (False, True)}
+    weights = {s: block_weights(Path(results[s].artifact.folder) / "model.onnx", ("model.layers.", "lm_head."))
+               for s in (False, True)}
     assert weights[True].keys() == weights[False].keys() and len(weights[True]) > 10
+    assert "lm_head.qweight" in weights[True]  # the vocabulary table (tied or not): GPTQ on the final states
     assert_same_weights(weights[True], weights[False])  # same statistics, same bases, same rounding
     assert streamed.quality.dense_fp32_perplexity == pytest.approx(in_memory.quality.dense_fp32_perplexity, rel=1e-6)
     assert streamed.quality.reference_perplexity == pytest.approx(in_memory.quality.reference_perplexity, rel=1e-6)
@@ -118,10 +120,14 @@ def test_checkpoint_larger_than_the_memory_cap_exports_under_it(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama"], indirect=True)
-@pytest.mark.parametrize("flags", [{"method": "basel"}, {"evaluate": "gsm8k:2"}])
-def test_what_needs_the_whole_model_is_refused_before_streaming(tmp_path, tiny_model_dir, monkeypatch, flags):
+@pytest.mark.parametrize(("flags", "error"), [
+    ({"method": "basel", "streaming": True}, "basel needs training through the whole model.*basel-layerwise"),
+    ({"evaluate": "gsm8k:2", "streaming": True}, "--eval runs the whole PyTorch model"),
+    ({"method": "basel-layerwise", "streaming": False}, "relearns a block at a time.*drop --in-memory"),
+])
+def test_what_the_chosen_way_cannot_do_is_refused_before_loading(tmp_path, tiny_model_dir, monkeypatch, flags, error):
     monkeypatch.setattr("exporter.pipeline.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    with pytest.raises(UsageError, match="whole"):
-        run(RunConfig(device=str(write_profile(tmp_path / "p.yaml")), model=str(tiny_model_dir), streaming=True,
+    with pytest.raises(UsageError, match=error):
+        run(RunConfig(device=str(write_profile(tmp_path / "p.yaml")), model=str(tiny_model_dir),
                       out=str(tmp_path / "out"), **flags))
     assert not (tmp_path / "out").exists()
