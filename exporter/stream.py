@@ -38,7 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from exporter.calibration import Calibration
 from exporter.checkpoint import Checkpoint, hand_back_freed_memory, release
 from exporter.collect import InputStats
-from exporter.contracts import LayerResult, ModelSpec, OnnxArtifact, RankPlan, Spectrum
+from exporter.contracts import LayerPlan, LayerResult, ModelSpec, OnnxArtifact, RankPlan, Spectrum
 from exporter.datafile import DataFile
 from exporter.export import ALL_POSITIONS_FILE, EXACT_FILE, MODEL_FILE, artifact_for, save_variant, write_runtime_files
 from exporter.factorize import factorize_, layer_spectrum, spectrum_layers
@@ -56,6 +56,17 @@ class Piece:
 
     hidden: torch.Tensor
     kwargs: dict
+
+
+@dataclass
+class Windows:
+    """The calibration windows on their way through the blocks. `dense`: through the dense blocks, what the
+    statistics and the relearning targets come from. `compressed` (only for a method that relearns blocks): through
+    the blocks as compressed so far, what a compressed block will receive, so relearning block i on these inputs
+    against the dense targets also makes up for the error of the blocks before it."""
+
+    dense: list[Piece]
+    compressed: list[Piece] | None
 
 
 @dataclass
@@ -166,13 +177,13 @@ def _stream(checkpoint, model, tokenizer, spec, options, precision, plan, method
     tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
     windows = heldout_windows(inputs.heldout, inputs.window)
     with checkpoint.outside_blocks(model):  # the vocabulary tables, loaded before the blocks and after them only
-        calibration = embed(model, arch.blocks, list(inputs.calibration.batches))
+        calibration = _windows(model, arch.blocks, inputs.calibration, method)
         heldout = embed(model, arch.blocks, [torch.tensor([piece]) for piece in windows])
         compressed = embed(model, arch.blocks, inputs.prompts)  # the compressed model in fp32: the twin's reference
         nearest_table = {head_name: round_to_nearest(model.get_output_embeddings().weight.detach())} if tied else {}
         table = (nearest_table if tied else untied_embedding(model)) if int4 else {}
     if int4 and tied:  # GPTQ needs the final hidden states: one dense pass over the blocks gives them first
-        final = carry(checkpoint, model, spec, calibration)
+        final = carry(checkpoint, model, spec, Windows(calibration.dense, None))
         with checkpoint.outside_blocks(model):
             table = quantize_modules(model.get_output_embeddings(), _head_stats(head, head_name, final), head_name)
     with checkpoint.outside_blocks(model), _rounded(model, checkpoint, table):
@@ -192,14 +203,13 @@ def _stream(checkpoint, model, tokenizer, spec, options, precision, plan, method
                                        files.enter_context(DataFile(folder / f"{EXACT_FILE}.data"))))
         for index in range(spec.num_layers):
             prefix = checkpoint.block_path(index)
-            block, calibration, grams, selection = _calibrate(checkpoint, model, spec, index, calibration, plan,
-                                                              method)
+            block, grams, selection = _calibrate(checkpoint, model, spec, index, calibration, plan, method)
             heldout = through(block, heldout)
             reference.add_block(index, quantize_modules(block, None, prefix) if int4 else None)
 
-            factorized = [layer for layer in plan.factorized if layer.name.startswith(prefix + ".")]
-            spectra += [layer_spectrum(layer, model, method, selection) for layer in factorized if layer in picked]
-            layers += factorize_(model, replace(plan, layers=tuple(factorized)), method, selection)
+            spectra += [layer_spectrum(layer, model, method, selection) for layer in _factorized(plan, prefix)
+                        if layer in picked]
+            layers += _factorize(model, block, prefix, plan, method, selection, calibration)
             compressed = through(block, compressed)
             quantized = quantize_modules(block, grams, prefix) if int4 else None
             for graph in graphs:
@@ -219,7 +229,8 @@ def _stream(checkpoint, model, tokenizer, spec, options, precision, plan, method
         elif int4:
             output = model.get_output_embeddings()
             nearest = {**quantize_modules(output, None, head_name), **table}
-            rounded = {**quantize_modules(output, _head_stats(head, head_name, calibration), head_name), **table}
+            rounded = {**quantize_modules(output, _head_stats(head, head_name, calibration.dense), head_name),
+                       **table}
         reference_proto = reference.finish(nearest)
         shipped_proto, *exact_proto = (graph.finish(rounded) for graph in graphs)
         apply_(model, rounded or {})  # the tables are dropped after this
@@ -232,21 +243,45 @@ def _stream(checkpoint, model, tokenizer, spec, options, precision, plan, method
     )
 
 
-def _calibrate(checkpoint: Checkpoint, model: PreTrainedModel, spec: ModelSpec, index: int, calibration: list[Piece],
-               plan: RankPlan, method: SelectionMethod) -> tuple[nn.Module, list[Piece], dict, dict]:
-    """Block `index` read from the checkpoint and run densely on the calibration stream: the block, its outputs,
-    its projections' input statistics (what GPTQ rounds by) and the method's statistics for the layers the plan
-    factorizes in it (`collect_block`: the same statistics, or relearned weights)."""
+def _windows(model: PreTrainedModel, blocks_path: str, calibration: Calibration, method: SelectionMethod
+             ) -> Windows:
+    """The calibration windows as the first block receives them."""
+    pieces = embed(model, blocks_path, list(calibration.batches))
+    return Windows(pieces, list(pieces) if method.needs == "blocks" else None)
+
+
+def _calibrate(checkpoint: Checkpoint, model: PreTrainedModel, spec: ModelSpec, index: int, windows: Windows,
+               plan: RankPlan, method: SelectionMethod) -> tuple[nn.Module, dict, dict]:
+    """Block `index` read from the checkpoint and run densely on the calibration windows (`windows.dense` moves
+    on to its outputs): the block, its projections' input statistics (what GPTQ rounds by) and the method's
+    statistics for the layers the plan factorizes in it (`collect_block`: the same statistics, or relearned
+    weights)."""
     prefix = checkpoint.block_path(index)
     block = checkpoint.materialize(model.get_submodule(prefix), prefix)
     names = [layer.name for layer in spec.layers if layer.name.startswith(prefix + ".")]
     stats = InputStats()
     with stats.watching(model, names):
-        outputs = through(block, calibration)
+        outputs = through(block, windows.dense)
     grams = stats.result()
-    ranks = {layer.name: layer.rank for layer in plan.factorized if layer.name in names}
-    selection = method.collect_block(model, block, calibration, outputs, grams, ranks) if ranks else grams
-    return block, outputs, grams, selection
+    ranks = {layer.name: layer.rank for layer in _factorized(plan, prefix)}
+    selection = grams
+    if ranks:
+        selection = method.collect_block(model, block, windows.compressed or windows.dense, outputs, grams, ranks)
+    windows.dense = outputs
+    return block, grams, selection
+
+
+def _factorized(plan: RankPlan, prefix: str) -> list[LayerPlan]:
+    return [layer for layer in plan.factorized if layer.name.startswith(prefix + ".")]
+
+
+def _factorize(model: PreTrainedModel, block: nn.Module, prefix: str, plan: RankPlan, method: SelectionMethod,
+               selection: dict, windows: Windows) -> tuple[LayerResult, ...]:
+    """The block's planned layers factorized by `method`; the compressed windows, if carried, moved on through it."""
+    layers = factorize_(model, replace(plan, layers=tuple(_factorized(plan, prefix))), method, selection)
+    if windows.compressed is not None:
+        windows.compressed = through(block, windows.compressed)
+    return layers
 
 
 def _head_stats(head: _Head, head_name: str, final: list[Piece]) -> dict:
@@ -257,22 +292,23 @@ def _head_stats(head: _Head, head_name: str, final: list[Piece]) -> dict:
     return stats.result()
 
 
-def carry(checkpoint: Checkpoint, model: PreTrainedModel, spec: ModelSpec, calibration: list[Piece],
+def carry(checkpoint: Checkpoint, model: PreTrainedModel, spec: ModelSpec, windows: Windows,
           plan: RankPlan | None = None, method: SelectionMethod | None = None,
           on_block: Callable[[], None] = lambda: None) -> list[Piece]:
-    """The calibration pieces carried through every dense block: the final hidden states. With a plan and a
-    method, each block's statistics are collected on the way and the method's `collect_block` runs (a secondary
-    process's share of the relearning)."""
+    """The calibration windows carried through every dense block: their final hidden states. With a plan and a
+    method, each block's statistics are collected on the way, the method's `collect_block` runs and the block is
+    factorized (a secondary process's share of the relearning, in step with the main process)."""
     for index in range(spec.num_layers):
+        prefix = checkpoint.block_path(index)
         if method is None:
-            prefix = checkpoint.block_path(index)
             block = checkpoint.materialize(model.get_submodule(prefix), prefix)
-            calibration = through(block, calibration)
+            windows.dense = through(block, windows.dense)
         else:
-            block, calibration, _, _ = _calibrate(checkpoint, model, spec, index, calibration, plan, method)
+            block, _, selection = _calibrate(checkpoint, model, spec, index, windows, plan, method)
+            _factorize(model, block, prefix, plan, method, selection, windows)
         release(block)
         on_block()
-    return calibration
+    return windows.dense
 
 
 def relearn_share(checkpoint: Checkpoint, model: PreTrainedModel, spec: ModelSpec, plan: RankPlan,
@@ -284,8 +320,8 @@ def relearn_share(checkpoint: Checkpoint, model: PreTrainedModel, spec: ModelSpe
     statistics are whole in each without exchanging them; only the training is split."""
     hand_back_freed_memory()
     with checkpoint.outside_blocks(model):
-        pieces = embed(model, checkpoint.arch.blocks, list(calibration.batches))
-    carry(checkpoint, model, spec, pieces, plan, method, on_block)
+        windows = _windows(model, checkpoint.arch.blocks, calibration, method)
+    carry(checkpoint, model, spec, windows, plan, method, on_block)
 
 
 @contextmanager
