@@ -139,6 +139,7 @@ def plan(as_json, **options):
     from exporter.pipeline import plan_only
     from exporter.profile import load_profile
     from exporter.providers import plan_notes
+    from exporter.select import get_method
 
     loaded, rank_plan = plan_only(_config(**options))
     if as_json:
@@ -164,9 +165,14 @@ def plan(as_json, **options):
     for note in plan_notes(load_profile(options["device"])):
         click.echo(f"note: {note}")
     needed = export_footprint(loaded.model)
+    relearning = ""
+    if get_method(options["method"]).needs == "blocks":  # relearning a block at a time: streamed only
+        peak = needed.streamed_peak_bytes + needed.relearning_bytes
+        minutes = (needed.streamed_seconds + needed.relearning_seconds) / 60
+        relearning = f" (with {options['method']}'s relearning: {peak / 1e9:.1f} GB, {minutes:.1f} min)"
     click.echo(f"exporting it needs about {needed.peak_bytes / 1e9:.1f} GB and {needed.seconds / 60:.1f} min in "
                f"memory, {needed.streamed_peak_bytes / 1e9:.1f} GB and {needed.streamed_seconds / 60:.1f} min a block "
-               "at a time (--layer-streaming) (predicted: README, \"Scale\")")
+               f"at a time (--layer-streaming){relearning} (predicted: README, \"Scale\")")
 
 
 @main.command(name="eval")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from transformers.pytorch_utils import Conv1D
 
 from exporter.architectures import arch_for
 from exporter.errors import UsageError
+from exporter.relearn import EPOCHS
 
 # Fitted to scripts/bench_scale.py on this 2-core machine (README, "Scale").
 FP32_COPIES = 3.48  # peak bytes per fp32 byte of the model, beyond the statistics
@@ -49,6 +50,12 @@ VALIDATION_BYTES_PER_PARAMETER = 0.9  # the int4 model in onnxruntime (0.53 byte
 STREAM_SECONDS_PER_TFLOP = 31.9  # the same work as in memory; float32 statistics sums
 STREAM_BASE_SECONDS = 20.5
 
+# Layer-wise relearning (basel-layerwise) adds, per block, training over every basis of every projection (all of
+# them trained, whatever the rank): forward and backward, 6 flops a basis entry a token, EPOCHS times over the
+# calibration tokens; and it holds the largest block's bases (U and V^T L^-1 in fp32) beside the block. Fitted to
+# one run: SmolLM2-135M on phone at 180 MiB, every layer factorized, 92 s of training for 11.7 TFLOP.
+RELEARN_SECONDS_PER_TFLOP = 7.9
+
 
 @dataclass(frozen=True)
 class Footprint:
@@ -60,6 +67,8 @@ class Footprint:
     streamed_peak_bytes: float  # a block at a time (exporter.stream)
     streamed_seconds: float
     streamed_parameters: int  # what a streamed export holds: the largest block and everything outside the blocks
+    relearning_bytes: float  # what layer-wise relearning adds to the streamed peak
+    relearning_seconds: float  # and to its time
 
 
 def export_footprint(model: nn.Module) -> Footprint:
@@ -72,8 +81,13 @@ def export_footprint(model: nn.Module) -> Footprint:
     gram_bytes = GRAM_BYTES * gram_entries
     blocks = model.get_submodule(arch_for(model.config.model_type).blocks)
     block = max(blocks, key=_count)
-    outside = parameters - sum(_count(b) for b in blocks)  # embedding, lm_head, final norm
+    in_blocks = sum(_count(b) for b in blocks)
+    outside = parameters - in_blocks  # embedding, lm_head, final norm
     held = _count(block) + outside
+    streamed_work = work
+    if model.get_input_embeddings().weight is model.get_output_embeddings().weight:
+        streamed_work += 2 * CALIBRATION_TOKENS * in_blocks  # the dense pass a tied table's GPTQ needs first
+    bases = {id(b): _basis_entries(b) for b in blocks}
     streamed = max(STREAM_BASE_BYTES + STREAM_COPIES * 4 * held
                    + GRAM_BYTES * _gram_entries(dict(_projections(block)))
                    + 4 * CALIBRATION_TOKENS * model.config.hidden_size,  # a block at a time
@@ -81,8 +95,16 @@ def export_footprint(model: nn.Module) -> Footprint:
     return Footprint(parameters=parameters, gram_bytes=gram_bytes, work_flops=work,
                      peak_bytes=BASE_BYTES + FP32_COPIES * 4 * parameters + gram_bytes,
                      seconds=BASE_SECONDS + SECONDS_PER_TFLOP * work / 1e12, streamed_peak_bytes=streamed,
-                     streamed_seconds=STREAM_BASE_SECONDS + STREAM_SECONDS_PER_TFLOP * work / 1e12,
-                     streamed_parameters=held)
+                     streamed_seconds=STREAM_BASE_SECONDS + STREAM_SECONDS_PER_TFLOP * streamed_work / 1e12,
+                     streamed_parameters=held, relearning_bytes=4 * bases[id(block)],
+                     relearning_seconds=RELEARN_SECONDS_PER_TFLOP * EPOCHS * 6 * CALIBRATION_TOKENS
+                     * sum(bases.values()) / 1e12)
+
+
+def _basis_entries(block: nn.Module) -> int:
+    """Entries of the bases relearning trains over in `block`: U (d_out x m) and V^T (m x d_in), m = min(d_in,
+    d_out), for every projection."""
+    return sum(min(d_in, d_out) * (d_in + d_out) for _, (d_in, d_out) in _projections(block))
 
 
 def _count(module: nn.Module) -> int:
@@ -115,14 +137,17 @@ def checkpoint_footprint(folder: Path, trust_remote_code: bool = False) -> Footp
 
 
 def choose_streaming(folder: Path, source: str, trust_remote_code: bool = False,
-                     requested: bool | None = None) -> tuple[bool, str | None]:
+                     requested: bool | None = None, relearning: bool = False) -> tuple[bool, str | None]:
     """(whether to export a block at a time, a line saying why when it was not asked for), refusing, before
     anything is loaded, an export that would not fit this machine's available memory either way. `requested`:
-    None lets the memory decide (in memory when it fits: layer sensitivity needs the whole model)."""
+    None lets the memory decide (in memory when it fits: layer sensitivity needs the whole model). `relearning`:
+    the method relearns a block at a time (basel-layerwise), which streams and holds the block's bases too."""
     available = available_bytes()
     if os.environ.get(SKIP_CHECK) == "1" or available is None:
         return bool(requested), None
     needed = checkpoint_footprint(folder, trust_remote_code)
+    if relearning:
+        needed = replace(needed, streamed_peak_bytes=needed.streamed_peak_bytes + needed.relearning_bytes)
     if requested is None and needed.peak_bytes <= available:
         return False, None
     streamed = requested is not False and (requested or needed.streamed_peak_bytes <= available)

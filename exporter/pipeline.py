@@ -283,17 +283,18 @@ def _streamed(config: RunConfig, method: SelectionMethod, console: Console) -> b
     """Whether to export a block at a time: asked for, or (unasked) when only that fits this machine; what it
     cannot do is refused here, before anything is loaded."""
     folder = Path(config.model or "").expanduser()
-    streamed = bool(config.streaming)
+    relearning = method.needs == "blocks"
+    if relearning and config.streaming is False:
+        raise UsageError(f"--method {method.name} relearns a block at a time, which is layer streaming: drop "
+                         "--in-memory, or choose basel to relearn through the whole model")
+    requested = True if relearning else config.streaming
+    if relearning and config.streaming is None:
+        console.print(f"--method {method.name}: exporting a block at a time")
+    streamed = bool(requested)
     if config.model and (folder / "config.json").is_file():
-        streamed, note = choose_streaming(folder, config.model, config.trust_remote_code, config.streaming)
+        streamed, note = choose_streaming(folder, config.model, config.trust_remote_code, requested, relearning)
         if note:
             console.print(note)
-    if method.needs == "blocks" and not streamed:
-        if config.streaming is False:
-            raise UsageError(f"--method {method.name} relearns a block at a time, which is layer streaming: drop "
-                             "--in-memory, or choose basel to relearn through the whole model")
-        console.print(f"--method {method.name}: exporting a block at a time")
-        streamed = True
     if streamed and method.needs not in ("nothing", "activations", "blocks"):
         raise UsageError(f"--method {method.name} needs {method.needs} through the whole model, which layer "
                          "streaming never holds; choose svdllm, svd or basel-layerwise")
