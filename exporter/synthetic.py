@@ -5,16 +5,14 @@ scripts/bench_scale.py measures the export's cost on, and what the capped-memory
 
 from __future__ import annotations
 
-import json
 import sysconfig
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-from exporter.checkpoint import INDEX_FILE
+from exporter.checkpoint import ShardWriter
 
 # name: hidden, intermediate, attention heads, KV heads, vocabulary, tied embeddings, blocks in the real model
 SHAPES = {
@@ -34,22 +32,20 @@ def llama_config(hidden: int, intermediate: int, heads: int, kv_heads: int, voca
 
 
 def write_checkpoint(config: LlamaConfig, folder: Path, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
-    """A random checkpoint of `config` in `folder`: one safetensors shard per block and one for the rest, and the
-    index that maps tensors to shards, as sharded Hugging Face checkpoints are; one block is in memory at a time."""
+    """A random checkpoint of `config` in `folder`: one safetensors shard per block (and per tensor outside them),
+    and the index that maps tensors to shards, as sharded Hugging Face checkpoints are; one block is in memory at a
+    time."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    shards: dict[str, dict[str, torch.Tensor]] = {}
+    writer, block = ShardWriter(folder, shard_bytes=float("inf")), None
     for name, parameter in model.named_parameters():  # tied weights are listed once, under the embedding's name
-        shard = f"block-{name.split('.')[2]}" if name.startswith("model.layers.") else "rest"
-        shards.setdefault(shard, {})[name] = parameter
-    weight_map = {}
-    for shard, parameters in shards.items():
-        tensors = {name: _random(p.shape, dtype) for name, p in parameters.items()}
-        save_file(tensors, folder / f"{shard}.safetensors", metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, f"{shard}.safetensors"))
-    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        if name.split(".")[:3] != block:  # a shard per block, one per tensor outside the blocks
+            writer.flush()
+            block = name.split(".")[:3]
+        writer.add(name, _random(parameter.shape, dtype))
+    writer.finish()
     config.save_pretrained(folder)
     tokenizer().save_pretrained(folder)
     return folder

@@ -8,9 +8,12 @@ import pytest
 import torch
 from conftest import build_tiny
 from torch import nn
+from transformers import AutoModelForCausalLM
 
+from exporter.checkpoint import INDEX_FILE, Checkpoint
 from exporter.errors import UsageError
-from exporter.models import describe, load_model, normalize_
+from exporter.gguf_folder import write_folder
+from exporter.models import default_gguf, describe, load_model, normalize_
 
 
 def test_loads_folder_and_describes(tiny_model_dir, arch):
@@ -69,6 +72,21 @@ def test_truncated_safetensors(tiny_model_dir):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(UsageError, match="cannot load the weights"):
         load_model(str(tiny_model_dir))
+
+
+def test_gguf_is_converted_a_tensor_at_a_time_into_what_transformers_loads(tmp_path):
+    """The default model's GGUF, converted with shards of 64 MB: written as it is read (several shards), and every
+    tensor equal to transformers' own GGUF loader's (which dequantizes the whole model into memory first)."""
+    gguf = default_gguf()
+    write_folder(gguf, tmp_path, shard_bytes=64e6)
+    shards = set(json.loads((tmp_path / INDEX_FILE).read_text())["weight_map"].values())
+    assert len(shards) >= 4 and all((tmp_path / shard).stat().st_size < 64e6 + 120e6 for shard in shards)
+    checkpoint = Checkpoint(tmp_path, str(gguf))
+    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    weights = reference.state_dict()
+    assert set(checkpoint.entries) == set(weights) - {"lm_head.weight"}  # tied to the embedding: stored once
+    for name in checkpoint.entries:
+        assert torch.equal(checkpoint.tensor(name), weights[name]), name
 
 
 def test_truncated_gguf(tmp_path):
