@@ -180,8 +180,9 @@ def _stream(checkpoint, model, tokenizer, spec, options, precision, plan, method
         calibration = _windows(model, arch.blocks, inputs.calibration, method)
         heldout = embed(model, arch.blocks, [torch.tensor([piece]) for piece in windows])
         compressed = embed(model, arch.blocks, inputs.prompts)  # the compressed model in fp32: the twin's reference
-        nearest_table = {head_name: round_to_nearest(model.get_output_embeddings().weight.detach())} if tied else {}
-        table = (nearest_table if tied else untied_embedding(model)) if int4 else {}
+        output = model.get_output_embeddings()
+        nearest_table = {head_name: round_to_nearest(output.weight.detach())} if int4 and tied else {}
+        table = nearest_table if tied else untied_embedding(model) if int4 else {}
     if int4 and tied:  # GPTQ needs the final hidden states: one dense pass over the blocks gives them first
         final = carry(checkpoint, model, spec, Windows(calibration.dense, None))
         with checkpoint.outside_blocks(model):
