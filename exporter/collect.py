@@ -67,8 +67,8 @@ class InputStats:
         """The means, per layer, in float64 (the accumulation is finished: call once)."""
         for entry in {id(entry): entry for entry in self.entries.values()}.values():
             tokens = float(entry.pop("tokens"))
-            entry["gram"] = entry["gram"].double() / tokens
-            entry["abs_mean"] = entry["abs_mean"].double() / tokens
+            entry["gram"] = entry["gram"].double().div_(tokens)  # in place: one float64 copy, not two at once
+            entry["abs_mean"] = entry["abs_mean"].double().div_(tokens)
         return self.entries
 
 

@@ -30,7 +30,13 @@ from exporter.vocabulary import PrunedHead
 QUANT_BLOCK = 32
 LEVELS = 15  # 4 bits: q in 0..15
 GPTQ_DAMPING = 0.01  # of the Gram matrix's mean diagonal, added for a stable inverse (the GPTQ paper's default)
-ROWS_AT_ONCE = 8192  # rows are rounded independently, so a few at a time: a 150k-row lm_head is 0.5 GB a copy
+ELEMENTS_AT_ONCE = 1 << 24  # rows are rounded independently, so a few at a time: 64 MB of fp32 a temporary
+
+
+def rows_at_once(cols: int) -> int:
+    """Rows of `cols` columns to round (or dequantize) together: a 150k-row lm_head would be 0.5 GB a copy, and
+    a Llama-2-7B down projection's temporaries 1 GB at once."""
+    return max(1, ELEMENTS_AT_ONCE // cols)
 
 
 @dataclass
@@ -105,7 +111,8 @@ def _padded_blocks(weight: torch.Tensor) -> torch.Tensor:
 def round_to_nearest(weight: torch.Tensor) -> Int4Matrix:
     """Every weight rounded alone to its block's grid, as onnxruntime's MatMulNBits quantizer does (C's roundf of
     x * (1 / scale) + zero, halves away from zero)."""
-    return _concat([_nearest(weight[first:first + ROWS_AT_ONCE]) for first in range(0, len(weight), ROWS_AT_ONCE)])
+    rows = rows_at_once(weight.shape[1])
+    return _concat([_nearest(weight[first:first + rows]) for first in range(0, len(weight), rows)])
 
 
 def _nearest(weight: torch.Tensor) -> Int4Matrix:
@@ -116,24 +123,25 @@ def _nearest(weight: torch.Tensor) -> Int4Matrix:
     return _finish(q, scale, zero, weight.shape[1])
 
 
-def gptq(weight: torch.Tensor, gram: torch.Tensor, rows_at_once: int = ROWS_AT_ONCE) -> Int4Matrix:
+def gptq(weight: torch.Tensor, gram: torch.Tensor, rows: int | None = None) -> Int4Matrix:
     """Error-compensating rounding on the same grid: minimises ||(W - Q) X||^2 for inputs with Gram matrix `gram`
     (X^T X / n, K x K). Input channels are rounded in order; each one's error, scaled by the inverse Hessian's
     Cholesky factor, is subtracted from the channels after it. A block's grid is fixed from the (already
     compensated) weights when rounding reaches it, as GPTQ with groups does. Rows never mix: they are rounded
-    `rows_at_once` at a time."""
+    `rows` at a time (by default `rows_at_once`)."""
     hessian = gram.double().clone()
     dead = hessian.diagonal() == 0  # inputs that are always zero: their weights do not matter
     hessian[dead, dead] = 1
     hessian.diagonal().add_(GPTQ_DAMPING * float(hessian.diagonal().mean()))
-    # the inverse in float64 (one factorisation); the column loop in float32, as the weights are. Each K x K step
-    # replaces the one before (at K = 11008, Llama-2-7B's MLP, one is 0.97 GB)
-    hessian = torch.linalg.cholesky(hessian)
-    hessian = torch.cholesky_inverse(hessian)
-    inverse = torch.linalg.cholesky(hessian, upper=True).float()
+    # the inverse in float64 (one factorisation); the column loop in float32, as the weights are. Every K x K step
+    # overwrites the one before, in place (at K = 11008, Llama-2-7B's MLP, one is 0.97 GB)
+    torch.linalg.cholesky(hessian, out=hessian)
+    torch.cholesky_inverse(hessian, out=hessian)
+    torch.linalg.cholesky(hessian, upper=True, out=hessian)
+    inverse = hessian.float()
     del hessian
-    return _concat([_gptq_rows(weight[first:first + rows_at_once], inverse, dead)
-                    for first in range(0, len(weight), rows_at_once)])
+    rows = rows or rows_at_once(weight.shape[1])
+    return _concat([_gptq_rows(weight[first:first + rows], inverse, dead) for first in range(0, len(weight), rows)])
 
 
 def _gptq_rows(weight: torch.Tensor, inverse: torch.Tensor, dead: torch.Tensor) -> Int4Matrix:
@@ -238,8 +246,9 @@ def apply_(model: nn.Module, quantized: dict[str, Int4Matrix]) -> nn.Module:
     its lm_head: they share one tensor."""
     for name, matrix in quantized.items():
         weight = model.get_submodule(name).weight
-        for start in range(0, matrix.n, ROWS_AT_ONCE):  # a few rows at a time: no full-size temporaries
-            weight[start:start + ROWS_AT_ONCE].copy_(matrix.rows(start, start + ROWS_AT_ONCE).dequantize())
+        rows = rows_at_once(matrix.k)
+        for start in range(0, matrix.n, rows):  # a few rows at a time: no full-size temporaries
+            weight[start:start + rows].copy_(matrix.rows(start, start + rows).dequantize())
     return model
 
 

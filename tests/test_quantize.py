@@ -96,11 +96,11 @@ def test_rows_are_rounded_in_pieces_exactly_as_all_at_once(monkeypatch):
 
     _, gram = correlated_inputs(d=130)  # and a partial last block
     weight = torch.randn(100, 130) * 0.05  # rows never mix: pieces of 7 rows bound memory, change nothing
-    whole, pieces = gptq(weight, gram), gptq(weight, gram, rows_at_once=7)
+    whole, pieces = gptq(weight, gram), gptq(weight, gram, rows=7)
     assert torch.equal(whole.q, pieces.q) and torch.equal(whole.zero, pieces.zero)
     assert torch.allclose(whole.scale, pieces.scale, rtol=1e-5, atol=1e-7)  # matmuls of other sizes: ulps
     whole = round_to_nearest(weight)
-    monkeypatch.setattr(quantize, "ROWS_AT_ONCE", 7)
+    monkeypatch.setattr(quantize, "ELEMENTS_AT_ONCE", 7 * 130)
     pieces = round_to_nearest(weight)
     assert all(torch.equal(a, b) for a, b in ((whole.q, pieces.q), (whole.scale, pieces.scale),
                                               (whole.zero, pieces.zero)))
