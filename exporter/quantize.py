@@ -219,7 +219,8 @@ def quantize_modules(root: nn.Module, stats: dict | None = None, prefix: str = "
                 reading.setdefault(id(stats[name]["gram"]), []).append(name)
     for names in reading.values():  # rows are rounded independently: layers reading one input share one pass
         weights = [modules[name].weight.detach() for name in names]
-        stacked = gptq(torch.cat(weights), stats[names[0]]["gram"])
+        stacked = gptq(torch.cat(weights) if len(weights) > 1 else weights[0],  # a lm_head copied is 0.5 GB
+                       stats[names[0]]["gram"])
         offsets = [0, *itertools.accumulate(w.shape[0] for w in weights)]
         quantized.update({name: stacked.rows(start, end) for name, start, end in zip(names, offsets[:-1], offsets[1:],
                                                                                      strict=True)})
