@@ -96,9 +96,10 @@ class LayerwiseBasel(Basel):
     """Basel with each decoder block trained on its own inputs and outputs instead of through the whole model, so
     relearning needs one block in memory (layer streaming, exporter.stream): the block's coefficients are trained
     until the block, its planned projections on their bases, reproduces what the dense block computes on the
-    task's calibration windows (relative squared error of the block's output). Same bases, new bases, pruning
-    schedule and re-decomposition as `basel`; the objective is local, as in SVD-LLM's and GPTQ's per-layer view,
-    but over a whole block (attention and MLP together) and with the task's data."""
+    task's calibration windows (relative squared error of the block's output), given as inputs what the blocks
+    compressed before it produce (exporter.stream.Windows), so it also makes up for their error. Same bases, new
+    bases, pruning schedule and re-decomposition as `basel`; the objective is local, as in SVD-LLM's and GPTQ's
+    per-layer view, but over a whole block (attention and MLP together) and with the task's data."""
 
     name = "basel-layerwise"
     needs = "blocks"
