@@ -38,12 +38,14 @@ class ShardWriter:
     def __init__(self, folder: Path, shard_bytes: float = 1e9):
         self.folder, self.shard_bytes = folder, shard_bytes
         self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
         self.weight_map: dict[str, str] = {}
         self.shards = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         self.pending[name] = tensor.contiguous()
-        if sum(t.nbytes for t in self.pending.values()) >= self.shard_bytes:
+        self.pending_bytes += tensor.nbytes
+        if self.pending_bytes >= self.shard_bytes:
             self.flush()
 
     def flush(self) -> None:
@@ -52,7 +54,7 @@ class ShardWriter:
             file = f"model-{self.shards:05d}.safetensors"
             save_file(self.pending, self.folder / file, metadata={"format": "pt"})
             self.weight_map.update(dict.fromkeys(self.pending, file))
-            self.pending = {}
+            self.pending, self.pending_bytes = {}, 0
 
     def finish(self) -> None:
         self.flush()

@@ -110,10 +110,11 @@ class LayerwiseBasel(Basel):
         raise UsageError("basel-layerwise relearns a block at a time: it runs with --layer-streaming")
 
     def collect_block(self, model, block, inputs, outputs, grams, ranks):
-        with _relearning(model, {name: grams[name]["gram"] for name in ranks}, self.cache) as layers:
+        planned = {name: grams[name]["gram"] for name in ranks}
+        with _relearning(model, planned, self.cache) as layers:
             examples = [(x.hidden, x.kwargs, y.hidden) for x, y in zip(inputs, outputs, strict=True)]
             _train(block, examples, _block_output_loss, layers, ranks, lambda: None)
-            return _merged(layers, {name: grams[name]["gram"] for name in ranks})
+            return _merged(layers, planned)
 
 
 def _next_token_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
