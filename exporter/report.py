@@ -27,6 +27,7 @@ from exporter.contracts import (
     Quality,
     RankPlan,
     RunResult,
+    TokenizerCheck,
     to_json,
 )
 from exporter.providers import plan_notes
@@ -80,6 +81,14 @@ def ort_failures(package: OrtPackage | None, profile: DeviceProfile) -> tuple[st
         lines.append(f"ORT format: peak memory {peak:.1f} MiB (measured) > budget {profile.memory_budget_mib:g} MiB "
                      "(onnxruntime reads an .ort file's weights into memory, where it maps the .onnx's data file)")
     return tuple(lines)
+
+
+def tokenizer_failures(check: TokenizerCheck | None) -> tuple[str, ...]:
+    """A runtime that tokenizes the target's texts differently runs a model other than the one measured."""
+    if check is None or check.passed:
+        return ()
+    return (f"tokenizer: {check.runtime} encodes {check.differing} of {check.texts} held-out texts differently from "
+            f"the model's tokenizer ({check.first_difference}); apps would get worse quality than measured",)
 
 
 def quality_failure(quality: Quality, plan: RankPlan | None) -> str:
@@ -156,6 +165,11 @@ def print_summary(result: RunResult, console: Console) -> None:
         q = result.quality
         table.add_row(f"quality: {q.task} perplexity ratio", f"{q.max_ratio:g}x", "", f"{q.ratio:.3f}x",
                       f"measured ({q.tokens} tokens)", "[green]pass[/]" if q.passed else "[red]FAIL[/]")
+    if result.tokenizer is not None:
+        t = result.tokenizer
+        table.add_row("tokenizer of the runtime", "same ids", "",
+                      f"{t.texts - t.differing} of {t.texts} texts same" if t.runtime else "not installed here",
+                      t.runtime or "", ("[green]pass[/]" if t.passed else "[red]FAIL[/]") if t.runtime else "skipped")
     console.print(table)
     plan = result.plan
     computes = f" ({plan.activations} activations)" if plan.precision == "int4" else ""
@@ -183,6 +197,10 @@ def print_summary(result: RunResult, console: Console) -> None:
     if result.quantization_top1_agreement is not None:
         console.print(f"{result.profile.precision} weights agree with their fp32 values on the next token at "
                       f"{result.quantization_top1_agreement:.1%} of prompt positions")
+    if result.tokenizer is not None and result.tokenizer.bos_left_out:
+        console.print(f"note: the model's tokenizer starts a text with {result.tokenizer.bos_left_out!r}; "
+                      f"{result.tokenizer.runtime} adds it only when told (tokenizer.update_options("
+                      "add_special_tokens='true')); quality here was measured without it")
     for note in plan_notes(result.profile):
         console.print(f"note: {note}")
     for fit in result.providers:

@@ -57,6 +57,7 @@ def render(report: dict, evaluations: list[dict]) -> str:
         f"<body><h1>{_e(title)}</h1>",
         _summary(report),
         *_quality(report.get("quality"), report["profile"]["precision"]),
+        _tokenizer(report.get("tokenizer")),
         "<section id='budgets'><h2>Budgets</h2>", _figure(_budget_figure(report["checks"])),
         _checks_table(report["checks"]), "</section>",
         "<section id='ranks'><h2>Per-layer ranks</h2>",
@@ -114,6 +115,21 @@ def _quality(quality: dict | None, precision: str) -> list[str]:
             f"same as the dense {_e(precision)} model's at {quality['top1_vs_reference']:.1%} of positions, KL "
             f"{quality['kl_vs_reference']:.3f} nats/token.</p>")
     return ["<section id='quality'><h2>Quality of what ships</h2>", text, _figure(figure), "</section>"]
+
+
+def _tokenizer(check: dict | None) -> str:
+    """Whether the runtime's tokenizer gives the ids the quality above was measured on."""
+    if not check:
+        return ""
+    if not check["runtime"]:
+        return "<p>The runtime's tokenizer was not checked: onnxruntime-genai is not installed here.</p>"
+    text = (f"<p>{_e(check['runtime'])} encodes {check['texts'] - check['differing']} of {check['texts']} held-out "
+            f"texts into the same token ids: {_verdict(check['passed'])}"
+            + (f" (first difference: {_e(check['first_difference'])})" if check["differing"] else "") + ".")
+    if check.get("bos_left_out"):
+        text += (f" The model's tokenizer starts a text with {_e(check['bos_left_out'])}, which the runtime adds "
+                 "only when told; the quality above was measured without it.")
+    return text + "</p>"
 
 
 def _providers(report: dict) -> list[str]:

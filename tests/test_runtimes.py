@@ -4,12 +4,15 @@ search) and optimum's ORTModelForCausalLM give the same tokens as edgeslim's own
 from __future__ import annotations
 
 import json
+import sysconfig
+from pathlib import Path
 
 import pytest
 from test_pipeline import write_profile
 
 from exporter.generate import OnnxDecoder, generate
 from exporter.pipeline import RunConfig, run
+from exporter.runtime_tokenizer import check_runtime_tokenizer
 
 PROMPT = [5, 17, 42, 99, 7, 31, 64, 12]
 STEPS = 16
@@ -46,6 +49,29 @@ def test_onnxruntime_genai_generates_what_edgeslim_generates(export):
         generator.generate_next_token()
         theirs.append(int(generator.get_next_tokens()[0]))
     assert theirs == ours
+
+
+@pytest.mark.parametrize("arch", ["llama"], indirect=True)
+def test_onnxruntime_genai_tokenizes_as_transformers(export, tokenizer):
+    pytest.importorskip("onnxruntime_genai")
+    out = export
+    check = json.loads((out / "report.json").read_text())["tokenizer"]
+    assert check["runtime"].startswith("onnxruntime-genai") and check["texts"] > 0 and check["differing"] == 0
+    # the class name transformers' GGUF loader gives SmolLM2's byte-level BPE: genai then guesses Llama 3's split
+    # unless the export spells GPT-2's out
+    source = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()
+    texts = [source[i:i + 400] for i in range(0, 8000, 400)]
+    as_gguf_names_it(out)
+    assert check_runtime_tokenizer(out, tokenizer, texts).differing == 0
+    tokenizer.save_pretrained(out)  # the split left implied
+    as_gguf_names_it(out)
+    implied = check_runtime_tokenizer(out, tokenizer, texts)
+    assert implied.differing > 0 and not implied.passed
+
+
+def as_gguf_names_it(folder: Path) -> None:
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "LlamaTokenizerFast"}))
 
 
 @pytest.mark.parametrize("arch", ["llama"], indirect=True)
