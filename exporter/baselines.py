@@ -49,11 +49,16 @@ def _asvd_scale(stats) -> torch.Tensor:
 
 
 def whitening(gram: torch.Tensor, layer: str = "") -> torch.Tensor:
-    """Lower-triangular L with L L^T = gram, adding the least diagonal jitter that makes it positive definite."""
+    """Lower-triangular L (float64) with L L^T = gram, adding the least diagonal jitter that makes it positive
+    definite. Factorized in place in one float64 copy (at K = 11008, Llama-2-7B's MLP, one is 0.97 GB), through
+    its column-major transpose, which LAPACK works on without copying (exporter.quantize.gptq)."""
     jitter = 0.0
     scale = float(gram.diagonal().mean()) or 1.0
+    info = torch.empty((), dtype=torch.int32)
     for _ in range(8):
-        factor, info = torch.linalg.cholesky_ex(gram + jitter * scale * torch.eye(gram.shape[0], dtype=gram.dtype))
+        factor = gram.to(torch.float64, copy=True).T
+        factor.diagonal().add_(jitter * scale)
+        torch.linalg.cholesky_ex(factor, out=(factor, info))
         if int(info) == 0:
             return factor
         jitter = max(jitter * 10, 1e-8)

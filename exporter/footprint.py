@@ -4,8 +4,9 @@ time (exporter.stream), and one which fits neither way is refused with advice in
 
 In memory, the pipeline holds the model in fp32 several times over: the loaded dense model (the reference what ships
 is judged by), its int4-rounded mirror (the PyTorch twin the shipped weights are proven against) and the fp32
-reference graph onnxruntime runs for parity; and it holds the calibration statistics, a float64 Gram matrix per
-distinct projection input (counted from the shapes). Everything else is bounded per matrix (GPTQ rounds 8192 rows at
+reference graph onnxruntime runs for parity; and it holds the calibration statistics, a float32 Gram matrix per
+distinct projection input (counted from the shapes), and one float64 copy of the widest while it is decomposed
+(whitening, GPTQ: one at a time). Everything else is bounded per matrix (GPTQ rounds 8192 rows at
 a time), per window (quality scores 64 positions at a time) or streamed (graph weights go straight to their data
 file). So the peak is linear in the model's fp32 bytes plus the statistics. The coefficients are fitted to
 `scripts/bench_scale.py` (README, "Scale"): real exports of Llama-shaped checkpoints from 135M to 7B widths, whose
@@ -33,7 +34,8 @@ from exporter.relearn import EPOCHS
 # Fitted to scripts/bench_scale.py on this 2-core machine (README, "Scale").
 FP32_COPIES = 3.48  # peak bytes per fp32 byte of the model, beyond the statistics
 BASE_BYTES = 1.27e9  # the interpreter, torch, onnxruntime and the data before any model is loaded
-GRAM_BYTES = 8  # one float64 Gram entry per distinct projection input, d_in^2 of them, all held at once
+GRAM_BYTES = 4  # one float32 Gram entry per distinct projection input, d_in^2 of them, all held at once
+DECOMPOSITION_BYTES = 8  # the float64 copy of one Gram matrix being decomposed, d_in^2 of the widest
 CALIBRATION_TOKENS = 16 * 256  # the default calibration windows: the Gram matrices' accumulation work
 SECONDS_PER_TFLOP = 66.9  # of GPTQ (d_in^3 + d_in^2 d_out per matrix) and Gram accumulation (2 tokens d_in^2)
 BASE_SECONDS = 40.8
@@ -60,7 +62,7 @@ RELEARN_SECONDS_PER_TFLOP = 7.9
 @dataclass(frozen=True)
 class Footprint:
     parameters: int
-    gram_bytes: float  # the calibration statistics
+    gram_bytes: float  # the calibration statistics, and the decomposition of the widest
     work_flops: float  # what the time grows with
     peak_bytes: float  # in memory: the whole model loaded
     seconds: float
@@ -78,7 +80,7 @@ def export_footprint(model: nn.Module) -> Footprint:
     gram_entries = _gram_entries(shapes)
     work = sum(d_in**3 + d_in**2 * d_out for d_in, d_out in shapes.values())
     work += 2 * CALIBRATION_TOKENS * gram_entries
-    gram_bytes = GRAM_BYTES * gram_entries
+    gram_bytes = GRAM_BYTES * gram_entries + DECOMPOSITION_BYTES * max(d_in for d_in, _ in shapes.values()) ** 2
     blocks = model.get_submodule(arch_for(model.config.model_type).blocks)
     block = max(blocks, key=_count)
     in_blocks = sum(_count(b) for b in blocks)
@@ -90,6 +92,7 @@ def export_footprint(model: nn.Module) -> Footprint:
     bases = {id(b): _basis_entries(b) for b in blocks}
     streamed = max(STREAM_BASE_BYTES + STREAM_COPIES * 4 * held
                    + GRAM_BYTES * _gram_entries(dict(_projections(block)))
+                   + DECOMPOSITION_BYTES * max(d_in for _, (d_in, _) in _projections(block)) ** 2
                    + 4 * CALIBRATION_TOKENS * model.config.hidden_size,  # a block at a time
                    BASE_BYTES + VALIDATION_BYTES_PER_PARAMETER * parameters)  # the int4 model in onnxruntime
     return Footprint(parameters=parameters, gram_bytes=gram_bytes, work_flops=work,

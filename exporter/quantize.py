@@ -17,7 +17,6 @@ parity is checked against are both built from the same `Int4Matrix`.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,19 +128,27 @@ def gptq(weight: torch.Tensor, gram: torch.Tensor, rows: int | None = None) -> I
     Cholesky factor, is subtracted from the channels after it. A block's grid is fixed from the (already
     compensated) weights when rounding reaches it, as GPTQ with groups does. Rows never mix: they are rounded
     `rows` at a time (by default `rows_at_once`)."""
-    hessian = gram.double().clone()
-    dead = hessian.diagonal() == 0  # inputs that are always zero: their weights do not matter
-    hessian[dead, dead] = 1
-    hessian.diagonal().add_(GPTQ_DAMPING * float(hessian.diagonal().mean()))
-    # the inverse in float64 (one factorisation); the column loop in float32, as the weights are. Every K x K step
-    # overwrites the one before, in place (at K = 11008, Llama-2-7B's MLP, one is 0.97 GB)
-    torch.linalg.cholesky(hessian, out=hessian)
-    torch.cholesky_inverse(hessian, out=hessian)
-    torch.linalg.cholesky(hessian, upper=True, out=hessian)
-    inverse = hessian.float()
-    del hessian
-    rows = rows or rows_at_once(weight.shape[1])
-    return _concat([_gptq_rows(weight[first:first + rows], inverse, dead) for first in range(0, len(weight), rows)])
+    return gptq_sharing([weight], gram, rows)[0]
+
+
+def gptq_sharing(weights: list[torch.Tensor], gram: torch.Tensor, rows: int | None = None) -> list[Int4Matrix]:
+    """`gptq` of matrices that read the same inputs (q/k/v, gate/up): one inverse for all, and no stacked copy."""
+    inverse = gram.to(torch.float64, copy=True)
+    dead = inverse.diagonal() == 0  # inputs that are always zero: their weights do not matter
+    inverse[dead, dead] = 1
+    inverse.diagonal().add_(GPTQ_DAMPING * float(inverse.diagonal().mean()))
+    # the inverse in float64 (one factorisation); the column loop in float32, as the weights are, reading the
+    # inverse a block of rows at a time. Every K x K step overwrites the one before, in place: one K x K float64
+    # matrix, no float32 copy beside it (at K = 11008, Llama-2-7B's MLP, 0.97 GB, and 0.48). LAPACK works on
+    # column-major matrices: given this row-major one, torch would copy it; its transpose is column-major, and
+    # the same matrix while symmetric. Lower factors written through the transpose leave upper ones in `inverse`.
+    column_major = inverse.T
+    torch.linalg.cholesky(column_major, out=column_major)  # H = L L^T
+    torch.cholesky_inverse(column_major, out=column_major)  # H^-1
+    torch.linalg.cholesky(column_major, out=column_major)  # H^-1 = L L^T: `inverse` is L^T, the upper factor
+    rows = rows or rows_at_once(weights[0].shape[1])
+    return [_concat([_gptq_rows(weight[first:first + rows], inverse, dead) for first in range(0, len(weight), rows)])
+            for weight in weights]
 
 
 def _gptq_rows(weight: torch.Tensor, inverse: torch.Tensor, dead: torch.Tensor) -> Int4Matrix:
@@ -158,13 +165,14 @@ def _gptq_rows(weight: torch.Tensor, inverse: torch.Tensor, dead: torch.Tensor) 
         scales[:, b], zeros[:, b] = scale, zero
         safe = torch.where(scale == 0, torch.ones_like(scale), scale)
         chunk, errors = w[:, start:end].clone(), torch.zeros(rows, end - start)
-        local = inverse[start:end, start:end]
+        band = inverse[start:end].float()  # this block's rows of the (float64) inverse factor
+        local = band[:, start:end]
         for i in range(end - start):
             level = torch.round(chunk[:, i] / safe + zero).clamp(0, LEVELS)
             error = (chunk[:, i] - (level - zero) * scale) / local[i, i]
             chunk[:, i:] -= error[:, None] * local[i, i:][None]
             errors[:, i], q[:, start + i] = error, level.to(torch.uint8)
-        w[:, end:] -= errors @ inverse[start:end, end:]
+        w[:, end:] -= errors @ band[:, end:]
         if end - start < QUANT_BLOCK:  # padding holds the zero point: value 0
             q[:, end:] = zero[:, None].to(torch.uint8)
     return Int4Matrix(q, scales.float(), zeros.to(torch.uint8), cols)
@@ -217,13 +225,9 @@ def quantize_modules(root: nn.Module, stats: dict | None = None, prefix: str = "
                 quantized[name] = round_to_nearest(module.weight.detach())
             else:
                 reading.setdefault(id(stats[name]["gram"]), []).append(name)
-    for names in reading.values():  # rows are rounded independently: layers reading one input share one pass
-        weights = [modules[name].weight.detach() for name in names]
-        stacked = gptq(torch.cat(weights) if len(weights) > 1 else weights[0],  # a lm_head copied is 0.5 GB
-                       stats[names[0]]["gram"])
-        offsets = [0, *itertools.accumulate(w.shape[0] for w in weights)]
-        quantized.update({name: stacked.rows(start, end) for name, start, end in zip(names, offsets[:-1], offsets[1:],
-                                                                                     strict=True)})
+    for names in reading.values():  # layers reading one input share one inverse
+        rounded = gptq_sharing([modules[name].weight.detach() for name in names], stats[names[0]]["gram"])
+        quantized.update(zip(names, rounded, strict=True))
     return quantized
 
 

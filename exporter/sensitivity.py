@@ -67,7 +67,7 @@ def layer_costs(weight: torch.Tensor, gram: torch.Tensor, fisher: torch.Tensor, 
     """Estimated loss increase per token of this layer at each rank in `ranks`, against the layer left dense at
     `precision` (see the module docstring)."""
     w = weight.detach().double()
-    lower = whitening(gram.double(), layer)
+    lower = whitening(gram, layer)
     u, s, vh = svd(w @ lower, layer, cache)
     per_basis = 0.5 * s.square() * (fisher[:, None] * u.square()).sum(0)  # cost of dropping each basis
     dropped = per_basis.flip(0).cumsum(0).flip(0)  # dropped[r] = cost of dropping bases r, r+1, ...
