@@ -8,7 +8,8 @@ when that code is a finalizer or a weakref callback (one runs each time the coll
 a torch module or a WeakKeyDictionary entry), the exception is printed as "Exception ignored in ..." and the run
 carries on. Measured by sending SIGINT at random moments to a tiny export: one run in 40 published its model and
 exited 0 after Ctrl-C that way. So while a `Staging` is open, SIGINT is also written down, and `publish` refuses to
-swap once one was received.
+swap once one was received. SIGTERM (what `kill` and a CI job's timeout send) is handled the same way: by default
+it ends the process at once and left the staging folder behind (GBs for a 7B export).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pathlib import Path
 from types import TracebackType
 
 from exporter.errors import UsageError
+
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
 
 
 def failed_path(destination: Path) -> Path:
@@ -47,16 +50,16 @@ class Staging:
         self.folder = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
         self.interrupted = False
         self._committed = False
-        self._previous_handler = None
+        self._previous_handlers: dict[signal.Signals, object] = {}
 
     def __enter__(self) -> Staging:
         if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
-            self._previous_handler = signal.signal(signal.SIGINT, self._on_interrupt)
+            self._previous_handlers = {signum: signal.signal(signum, self._on_interrupt) for signum in INTERRUPTS}
         return self
 
     def __exit__(self, kind: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGINT, self._previous_handler)
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def _on_interrupt(self, signum: int, frame: object) -> None:
@@ -73,7 +76,7 @@ class Staging:
         """Swap the finished folder into place; the old one is only removed once the new one is there."""
         if self.interrupted:  # Ctrl-C came while a finalizer ran and was swallowed there: still honour it
             raise KeyboardInterrupt
-        self._committed = True  # a SIGINT from here on is recorded, not raised
+        self._committed = True  # an interrupt from here on is recorded, not raised
         old = None
         if destination.exists():
             old = destination.with_name(f".{destination.name}.old-{os.getpid()}")

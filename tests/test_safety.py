@@ -46,7 +46,7 @@ def wait_for_staging(out: Path, process: subprocess.Popen, timeout: float = 600)
 
 
 @pytest.mark.parametrize("arch", ["llama"], indirect=True)
-@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_interrupted_export_leaves_previous_output_and_nothing_finished(tmp_path, tiny_model_dir, how):
     profile = write_profile(tmp_path / "p.yaml")
     out = tmp_path / "out"
@@ -60,7 +60,7 @@ def test_interrupted_export_leaves_previous_output_and_nothing_finished(tmp_path
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]
     assert not (tmp_path / "out.failed").exists()
     leftovers = list(tmp_path.glob(".out.partial-*"))
-    if how == signal.SIGINT:  # Ctrl-C: cleaned up, and said so on one line
+    if how != signal.SIGKILL:  # Ctrl-C, kill, a CI timeout: cleaned up, and said so on one line
         assert not leftovers
         assert "interrupted" in stderr.strip().splitlines()[-1]
     else:  # SIGKILL cannot be caught: what remains is hidden and named partial, never the destination
