@@ -13,6 +13,7 @@ changes nothing for transformers.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
@@ -27,38 +28,44 @@ TEXTS_CHECKED = 64
 def write_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
     """`save_pretrained`, with a byte-level BPE's implied split written out (module docstring)."""
     tokenizer.save_pretrained(folder)
-    path = folder / "tokenizer.json"
-    if not path.is_file():  # a slow (Python) tokenizer: runtimes read its own files
-        return
-    data = json.loads(path.read_text(encoding="utf-8"))
-    split = _explicit_split(data.get("pre_tokenizer"))
-    if split is not None:
-        data["pre_tokenizer"] = split
-        path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    if (folder / "tokenizer.json").is_file():  # else a slow (Python) tokenizer: runtimes read its own files
+        _edit(folder / "tokenizer.json", _spell_out_split)
 
 
-def _explicit_split(pre_tokenizer: dict | None) -> dict | None:
+def _spell_out_split(data: dict) -> bool:
     """Split(GPT-2 regex) then ByteLevel without a regex: the same pieces, named. Only where ByteLevel stands alone
     and adds no prefix space (with a Split before it, it would add one to every piece, not only the first)."""
-    if (pre_tokenizer or {}).get("type") != "ByteLevel" or not pre_tokenizer.get("use_regex", True) \
+    pre_tokenizer = data.get("pre_tokenizer") or {}
+    if pre_tokenizer.get("type") != "ByteLevel" or not pre_tokenizer.get("use_regex", True) \
             or pre_tokenizer.get("add_prefix_space"):
-        return None
-    return {"type": "Sequence", "pretokenizers": [
+        return False
+    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": GPT2_SPLIT}, "behavior": "Isolated", "invert": False},
         {**pre_tokenizer, "use_regex": False},
     ]}
+    return True
 
 
 def plain_byte_level(path: Path) -> None:
     """transformers' GGUF reader writes a byte-level BPE with SentencePiece leftovers (byte fallback, a "▁"
     decoder): equivalent for transformers (byte-level pieces never fall back), but onnxruntime-extensions then
     encodes spaces and newlines as unknown tokens. Written as the plain byte-level BPE it is."""
-    data = json.loads(path.read_text(encoding="utf-8"))
+    _edit(path, _without_sentencepiece_leftovers)
+
+
+def _without_sentencepiece_leftovers(data: dict) -> bool:
     if (data.get("pre_tokenizer") or {}).get("type") != "ByteLevel" or data["model"].get("type") != "BPE":
-        return
+        return False
     data["model"]["byte_fallback"] = False
     data["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
-    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return True
+
+
+def _edit(path: Path, change: Callable[[dict], bool]) -> None:
+    """tokenizer.json rewritten where `change` (which edits it in place) says it changed something."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if change(data):
+        path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
 
 
 def check_runtime_tokenizer(folder: Path, tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> TokenizerCheck:
