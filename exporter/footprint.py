@@ -143,8 +143,9 @@ def choose_streaming(folder: Path, source: str, trust_remote_code: bool = False,
                      requested: bool | None = None, relearning: bool = False) -> tuple[bool, str | None]:
     """(whether to export a block at a time, a line saying why when it was not asked for), refusing, before
     anything is loaded, an export that would not fit this machine's available memory either way. `requested`:
-    None lets the memory decide (in memory when it fits: layer sensitivity needs the whole model). `relearning`:
-    the method relearns a block at a time (basel-layerwise), which streams and holds the block's bases too."""
+    None lets the memory decide (in memory when it fits: one pass, and vocabulary pruning needs the whole model).
+    `relearning`: the method relearns a block at a time (basel-layerwise), which streams and holds the block's
+    bases too."""
     available = available_bytes()
     if os.environ.get(SKIP_CHECK) == "1" or available is None:
         return bool(requested), None
@@ -163,8 +164,8 @@ def choose_streaming(folder: Path, source: str, trust_remote_code: bool = False,
     if requested is None:
         return True, (f"exporting in memory would need about {needed.peak_bytes / 1e9:.1f} GB and "
                       f"{available / 1e9:.1f} GB are available: exporting a block at a time (about "
-                      f"{needed.streamed_peak_bytes / 1e9:.1f} GB; layer sensitivity needs the whole model, so the "
-                      "plan keeps one ratio)")
+                      f"{needed.streamed_peak_bytes / 1e9:.1f} GB; every vocabulary row is kept, since pricing fewer "
+                      "needs the whole model)")
     return streamed, None
 
 

@@ -29,6 +29,7 @@ from exporter.collect import cached_activation_stats
 from exporter.contracts import (
     MIB,
     Evaluation,
+    LayerPlan,
     LayerResult,
     Measurement,
     ModelSpec,
@@ -65,8 +66,8 @@ from exporter.report import (
 )
 from exporter.report_html import write_html
 from exporter.runtime_tokenizer import check_runtime_tokenizer
-from exporter.select import SelectionMethod, get_method
-from exporter.sensitivity import layer_costs, output_fisher
+from exporter.select import SelectionMethod, get_method, single_thread
+from exporter.sensitivity import layer_costs, output_fisher, streamed_costs
 from exporter.stream import StreamInputs, relearn_share, stream_export
 from exporter.tasks import DEFAULT_TASK, Task, data_dir, get_task, sample
 from exporter.validate import CPU, GREEDY_STEPS, host_figures, measure_session, validate_parity, validate_positions
@@ -230,7 +231,7 @@ def _build(loaded, spec, profile, rank_plan, method, stats, data, prompts, threa
     compresses = bool(rank_plan.factorized or rank_plan.vocabulary)
     model = copy.deepcopy(loaded.model) if compresses else loaded.model
     spectra = _spectra(model, rank_plan, method, stats)
-    with _single_thread():  # SVD on 2 threads of a busy machine can be 40x slower than on one
+    with single_thread():
         layers = ()
         if rank_plan.factorized:
             stage = progress.add_task(f"selecting bases ({method.name})", total=len(rank_plan.factorized))
@@ -259,7 +260,8 @@ def _build_streamed(loaded, spec, profile, rank_plan, method, inputs: StreamInpu
     stage = progress.add_task(f"compressing and exporting block by block ({method.name}){_on_processes(method)}",
                               total=spec.num_layers)
     options = GraphOptions(profile.context_length, rank_plan.activations, profile.kv_cache_precision)
-    streamed = stream_export(loaded.checkpoint, loaded.model, loaded.tokenizer, spec, options, profile.precision,
+    skeleton = copy.deepcopy(loaded.model)  # factorizing replaces its modules; a second plan needs the checkpoint's
+    streamed = stream_export(loaded.checkpoint, skeleton, loaded.tokenizer, spec, options, profile.precision,
                              rank_plan, method, inputs, staging, lambda: progress.advance(stage))
     artifact = streamed.artifact
     parity, missing, agreement = _stage(progress, "validating in onnxruntime", None, lambda _: validate_positions(
@@ -337,7 +339,7 @@ def _check_choices(config: RunConfig) -> tuple[Task, SelectionMethod, list[tuple
 def _spectra(model, rank_plan: RankPlan, method: SelectionMethod, stats: dict) -> tuple[Spectrum, ...]:
     """The method's basis scores for the first, a middle and the last factorized layer (report figures)."""
     picked = spectrum_layers(rank_plan)
-    with _single_thread():
+    with single_thread():
         return tuple(layer_spectrum(layer, model, method, stats) for layer in rank_plan.factorized if layer in picked)
 
 
@@ -416,6 +418,26 @@ class TaskData:
                           self.loaded.model, calibration, names, advance)))
 
 
+    def streamed_costs(self, ranks: Callable[[LayerPlan], list[int]], precision: str) -> dict[str, dict[int, float]]:
+        """Every layer's `layer_costs`, priced a block at a time (exporter.sensitivity.streamed_costs), cached."""
+        calibration, loaded = self.calibration, self.loaded
+        options = {layer.name: ranks(layer) for layer in self.spec.layers}
+        key = tensor_key("streamed-costs", loaded.fingerprint, calibration.fingerprint, precision,
+                         repr(options))
+
+        def price(advance: Callable[[], None]) -> dict[str, torch.Tensor]:
+            costs = streamed_costs(loaded.checkpoint, loaded.model, self.spec, calibration, ranks,
+                                   precision, self.method.cache, advance)
+            return flatten({layer: {str(rank): torch.tensor(cost, dtype=torch.float64)
+                                    for rank, cost in by_rank.items()} for layer, by_rank in costs.items()})
+
+        flat = _stage(self.progress, "measuring layer sensitivity block by block (forward, then backward)",
+                      2 * self.spec.num_layers, lambda advance: self.method.cache.get_or_compute(
+                          key, lambda: price(advance)))
+        return {layer: {int(rank): float(cost) for rank, cost in by_rank.items()}
+                for layer, by_rank in unflatten(flat).items()}
+
+
 def plan_only(config: RunConfig, console: Console | None = None) -> tuple[LoadedModel, RankPlan]:
     """What `edgeslim plan` prints: the plan `run` would make, compressing nothing."""
     console = console or Console(stderr=True)
@@ -431,21 +453,27 @@ def plan_only(config: RunConfig, console: Console | None = None) -> tuple[Loaded
 
 
 def _plan(config, loaded, spec, profile, data: TaskData, method, progress) -> RankPlan:
-    """The dense model when it fits; else the least estimated loss that fits (or one keep ratio: uniform, also
-    when streamed: layer sensitivity needs gradients through the whole model)."""
+    """The dense model when it fits; else the least estimated loss that fits (or one keep ratio: uniform). A model
+    streamed a block at a time is priced a block at a time, and keeps every vocabulary row (pricing fewer needs
+    the whole model)."""
     rank_plan = planner.make_plan(spec, profile, config.rank_multiple)
-    if rank_plan.allocation == "dense" or config.allocation == "uniform" or loaded.checkpoint:
+    if rank_plan.allocation == "dense" or config.allocation == "uniform":
         return rank_plan
-    fisher = data.fisher()
     multiple = config.rank_multiple or planner.default_rank_multiple(profile.precision)
+
+    def ranks(layer: LayerPlan) -> list[int]:
+        return planner.rank_options(layer.d_in, layer.d_out, multiple)
+
+    if loaded.checkpoint:
+        return planner.allocate(spec, profile, data.streamed_costs(ranks, profile.precision), config.rank_multiple)
+    fisher = data.fisher()
     stage = progress.add_task("pricing each layer's ranks", total=len(spec.layers))
     costs = {}
-    with _single_thread():
+    with single_thread():
         for layer in spec.layers:
             weight = loaded.model.get_submodule(layer.name).weight
             costs[layer.name] = layer_costs(weight, data.activations[layer.name]["gram"], fisher[layer.name],
-                                            planner.rank_options(layer.d_in, layer.d_out, multiple),
-                                            profile.precision, layer.name, method.cache)
+                                            ranks(layer), profile.precision, layer.name, method.cache)
             progress.advance(stage)
     return planner.allocate(spec, profile, costs, config.rank_multiple, data.vocabulary_costs())
 
@@ -491,15 +519,6 @@ def _helper_process() -> bool:
 
     return not PartialState(cpu=not torch.cuda.is_available()).is_main_process
 
-
-@contextmanager
-def _single_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _stage(progress: Progress, description: str, total: int | None, work: Callable[[Callable[[], None]], T]) -> T:

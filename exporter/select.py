@@ -16,7 +16,8 @@ silently replaced.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -107,6 +108,17 @@ def get_method(name: str, cache: TensorCache | None = None) -> SelectionMethod:
 def method_names() -> list[str]:
     _register_builtin_methods()
     return sorted(_REGISTRY)
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Torch on one thread for a while: an SVD on 2 threads of a busy machine can be 40x slower than on one."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def svd(

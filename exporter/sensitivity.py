@@ -11,20 +11,30 @@ to output j (the diagonal Fisher information of the layer's outputs, one backwar
   keeps. A factorized layer's cost is truncation + its factors' rounding - the dense weight's rounding, i.e. the
   loss against the layer left dense at the same precision (the knapsack's baseline).
 Costs are in nats per token and add up over layers to the plan's estimated loss increase; tests check the estimate
-against the measured loss increase of real factorizations.
+against the measured loss increase of real factorizations. A model exported a block at a time is priced a block at
+a time (`streamed_costs`): the same statistics, from two passes over its checkpoint.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from exporter.baselines import whitening
 from exporter.calibration import Calibration
+from exporter.checkpoint import Checkpoint, release
+from exporter.collect import InputStats
+from exporter.contracts import LayerPlan, ModelSpec
+from exporter.quality import ROWS
 from exporter.quantize import round_to_nearest
-from exporter.select import svd
+from exporter.select import single_thread, svd
+from exporter.stream import embed, through
 
 
 def output_fisher(model: nn.Module, calibration: Calibration, names: list[str],
@@ -32,41 +42,142 @@ def output_fisher(model: nn.Module, calibration: Calibration, names: list[str],
     """Per named projection: the mean over tokens of (∂ℓ_t/∂y_j)², ℓ_t each token's own loss (float64, d_out)."""
     fisher: dict[str, torch.Tensor] = {}
     tokens = 0
+    # gradients must flow to every projection's output, not to any weight: the embedding output starts the graph
+    start = model.get_input_embeddings().register_forward_hook(lambda _, __, output: output.requires_grad_())
+    try:
+        with _frozen(model), _output_gradient_squares(model, names, fisher):
+            for batch in calibration.batches:
+                with torch.enable_grad():
+                    (model(input_ids=batch, labels=batch).loss * _predicted(batch)).backward()  # summed per token
+                tokens += _predicted(batch)
+                advance()
+    finally:
+        start.remove()
+    return {name: value / tokens for name, value in fisher.items()}
 
+
+def streamed_costs(checkpoint: Checkpoint, model: PreTrainedModel, spec: ModelSpec, calibration: Calibration,
+                   ranks: Callable[[LayerPlan], list[int]], precision: str, cache=None,
+                   on_block: Callable[[], None] = lambda: None) -> dict[str, dict[int, float]]:
+    """`layer_costs` of every projection, the whole model never in memory (layer streaming, `model` a skeleton):
+    the same Gram matrices and output Fisher information `output_fisher` and the in-memory statistics give, from
+    two passes over the checkpoint. Forward, the calibration windows run through the dense blocks, each block's
+    inputs set aside in a temporary file. Then the per-token losses' gradient at the final hidden states runs back
+    through the blocks, last to first: each block is read again and run forward on its saved inputs (its
+    projections' input Gram matrices collected on the way) and backward from its outputs' gradient (its
+    projections' squared output gradients summed: their Fisher information); its layers are priced, and the
+    gradient of its inputs goes on to the block before it. Two block reads, a forward and a backward more than
+    an export without layer sensitivity; in memory, one block, its statistics and the windows' states."""
+    blocks = checkpoint.arch.blocks
+    tokens = sum(_predicted(batch) for batch in calibration.batches)
+    costs: dict[str, dict[int, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="edgeslim-sensitivity-") as folder:
+        with checkpoint.outside_blocks(model):
+            pieces = embed(model, blocks, list(calibration.batches))
+        for index in range(spec.num_layers):
+            torch.save([piece.hidden for piece in pieces], Path(folder) / f"{index}.pt")
+            prefix = checkpoint.block_path(index)
+            block = checkpoint.materialize(model.get_submodule(prefix), prefix)
+            pieces = through(block, pieces)
+            release(block)
+            on_block()
+        with checkpoint.outside_blocks(model), _frozen(model):
+            gradients = [_loss_gradient(model, checkpoint.arch.final_norm, piece.hidden, batch)
+                         for piece, batch in zip(pieces, calibration.batches, strict=True)]
+        for index in reversed(range(spec.num_layers)):
+            prefix = checkpoint.block_path(index)
+            block = checkpoint.materialize(model.get_submodule(prefix), prefix)
+            layers = [layer for layer in spec.layers if layer.name.startswith(prefix + ".")]
+            names = [layer.name for layer in layers]
+            stats, fisher = InputStats(), {}
+            inputs = torch.load(Path(folder) / f"{index}.pt")
+            with _frozen(block), stats.watching(model, names), _output_gradient_squares(model, names, fisher):
+                for k, (hidden, piece) in enumerate(zip(inputs, pieces, strict=True)):
+                    gradients[k] = _input_gradient(block, hidden, piece.kwargs, gradients[k])
+            grams = stats.result()
+            with single_thread():
+                for layer in layers:
+                    costs[layer.name] = layer_costs(model.get_submodule(layer.name).weight, grams[layer.name]["gram"],
+                                                    fisher[layer.name] / tokens, ranks(layer), precision, layer.name,
+                                                    cache)
+            release(block)
+            on_block()
+    return costs
+
+
+def _predicted(batch: torch.Tensor) -> int:
+    """Tokens a window's loss is summed over: every position but the last predicts one."""
+    return batch.numel() - batch.shape[0]
+
+
+@contextmanager
+def _frozen(module: nn.Module) -> Iterator[None]:
+    """`module` with no parameter requiring gradients for a while (gradients flow to activations only)."""
+    flags = {p: p.requires_grad for p in module.parameters()}
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+
+@contextmanager
+def _output_gradient_squares(model: nn.Module, names: list[str], fisher: dict[str, torch.Tensor]) -> Iterator[None]:
+    """While open, each backward adds the squared gradients at every named module's outputs, summed over tokens,
+    to `fisher[name]` (float64, d_out)."""
     def keep_gradient(name: str, output: torch.Tensor) -> None:
         def accumulate(grad: torch.Tensor) -> None:
             squares = grad.detach().double().reshape(-1, grad.shape[-1]).square().sum(0)
             fisher[name] = fisher[name] + squares if name in fisher else squares
 
-        output.register_hook(accumulate)
+        if output.requires_grad:
+            output.register_hook(accumulate)
 
     handles = [model.get_submodule(name).register_forward_hook(
         lambda _, __, output, name=name: keep_gradient(name, output)) for name in names]
-    # gradients must flow to every projection's output, not to any weight: the embedding output starts the graph
-    handles.append(model.get_input_embeddings().register_forward_hook(lambda _, __, output: output.requires_grad_()))
-    flags = {p: p.requires_grad for p in model.parameters()}
     try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for batch in calibration.batches:
-            with torch.enable_grad():
-                predicted = batch.numel() - batch.shape[0]  # every position but the last predicts a token
-                (model(input_ids=batch, labels=batch).loss * predicted).backward()  # summed per-token losses
-            tokens += predicted
-            advance()
+        yield
     finally:
         for handle in handles:
             handle.remove()
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-    return {name: value / tokens for name, value in fisher.items()}
+
+
+def _loss_gradient(model: PreTrainedModel, final_norm: str, hidden: torch.Tensor, batch: torch.Tensor
+                   ) -> torch.Tensor:
+    """The gradient of a window's summed per-token losses with respect to its final hidden states (`ROWS`
+    positions at a time: a window's logits at a 150k-token vocabulary would be 0.3 GB, and their gradient as much)."""
+    hidden = hidden.detach().requires_grad_()
+    norm, head = model.get_submodule(final_norm), model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    targets = batch[:, 1:]
+    with torch.enable_grad():
+        for first in range(0, targets.shape[1], ROWS):
+            logits = head(norm(hidden[:, first:first + ROWS]))
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            chunk = targets[:, first:first + ROWS]
+            nn.functional.cross_entropy(logits[:, :chunk.shape[1]].flatten(0, 1).float(), chunk.flatten(),
+                                        reduction="sum").backward()
+    return hidden.grad
+
+
+def _input_gradient(block: nn.Module, hidden: torch.Tensor, kwargs: dict, gradient: torch.Tensor) -> torch.Tensor:
+    """Backward through `block` from its outputs' `gradient`: the gradient at its inputs `hidden`."""
+    hidden = hidden.detach().requires_grad_()
+    with torch.enable_grad():
+        out = block(hidden, **kwargs)
+        (out[0] if isinstance(out, tuple) else out).backward(gradient)
+    return hidden.grad
 
 
 def layer_costs(weight: torch.Tensor, gram: torch.Tensor, fisher: torch.Tensor, ranks: list[int],
                 precision: str, layer: str = "", cache=None) -> dict[int, float]:
     """Estimated loss increase per token of this layer at each rank in `ranks`, against the layer left dense at
     `precision` (see the module docstring)."""
-    w = weight.detach().double()
+    weight = weight.detach()
+    w = weight.double()
     lower = whitening(gram, layer)
     u, s, vh = svd(w @ lower, layer, cache)
     per_basis = 0.5 * s.square() * (fisher[:, None] * u.square()).sum(0)  # cost of dropping each basis

@@ -18,8 +18,9 @@ GPTQ on the final hidden states: last when untied; a table tied to the embedding
 int4 a dense pass over the blocks on the calibration windows comes first, for its final states.
 
 Parity is teacher-forced (every position of each prompt in one pass), since greedy generation would take one pass
-over the checkpoint per token. What needs the whole model at once is not done here: layer sensitivity (the plan
-allocates one keep ratio), relearning through the whole model (basel), vocabulary pruning and `--eval`.
+over the checkpoint per token. Layer sensitivity is priced a block at a time before this pass
+(exporter.sensitivity.streamed_costs). What needs the whole model at once is not done here: relearning through the
+whole model (basel), vocabulary pruning and `--eval`.
 """
 
 from __future__ import annotations

@@ -48,4 +48,4 @@ def test_a_model_that_fits_only_a_block_at_a_time_is_streamed(tiny_model_dir, mo
     with pytest.raises(UsageError, match=r"in memory, predicted.*or --layer-streaming"):
         footprint.choose_streaming(tiny_model_dir, "m", requested=False)
     monkeypatch.setattr(footprint, "available_bytes", lambda: int(needed.peak_bytes + 1))
-    assert footprint.choose_streaming(tiny_model_dir, "m") == (False, None)  # sensitivity needs the whole model
+    assert footprint.choose_streaming(tiny_model_dir, "m") == (False, None)  # one pass, every option

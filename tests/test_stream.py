@@ -8,6 +8,8 @@ import os
 import resource
 import subprocess
 import sys
+import sysconfig
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +19,16 @@ import torch
 from onnx import numpy_helper
 from test_pipeline import write_profile
 
+from exporter import pipeline
+from exporter.calibration import calibration_batches
 from exporter.checkpoint import INDEX_FILE
+from exporter.collect import activation_stats
 from exporter.errors import UsageError
+from exporter.models import describe, load_model
 from exporter.pipeline import RunConfig, run
+from exporter.plan import rank_options
+from exporter.profile import load_profile
+from exporter.sensitivity import layer_costs, output_fisher, streamed_costs
 from exporter.synthetic import llama_config, write_checkpoint
 
 
@@ -42,7 +51,7 @@ def assert_same_weights(streamed: dict[str, np.ndarray], reference: dict[str, np
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"], indirect=True)  # tied head; untied head with q/k/v biases
-def test_streamed_export_writes_the_in_memory_exports_block_weights(tmp_path, tiny_model_dir):
+def test_streamed_export_writes_the_in_memory_exports_block_weights(tmp_path, tiny_model_dir, monkeypatch):
     profile = write_profile(tmp_path / "p.yaml")  # a budget the tiny model needs factorizing for
     results = {}
     for streaming in (False, True):
@@ -63,6 +72,24 @@ def test_streamed_export_writes_the_in_memory_exports_block_weights(tmp_path, ti
     assert_same_weights(weights[True], weights[False])  # same statistics, same bases, same rounding
     assert streamed.quality.dense_fp32_perplexity == pytest.approx(in_memory.quality.dense_fp32_perplexity, rel=1e-6)
     assert streamed.quality.reference_perplexity == pytest.approx(in_memory.quality.reference_perplexity, rel=1e-6)
+
+    device = load_profile(str(profile))
+    measure, measured, plan = pipeline.measure_session, [], pipeline._plan
+
+    def over_budget_once(*args, **kwargs):  # the first plan measures over budget: a second pass over the checkpoint
+        measured.append(measure(*args, **kwargs))
+        return measured[-1] if len(measured) > 1 else replace(measured[-1],
+                                                               peak_memory_bytes=device.memory_budget_bytes + 1)
+
+    monkeypatch.setattr(pipeline, "measure_session", over_budget_once)
+    # the same plan again (the tiny model's plans are latency-bound: a tighter memory budget would fit none)
+    monkeypatch.setattr(pipeline, "_plan", lambda config, loaded, spec, _, *rest: plan(config, loaded, spec, device,
+                                                                                      *rest))
+    priced = run(RunConfig(device=str(profile), model=str(tiny_model_dir), out=str(tmp_path / "priced"),
+                           parity_prompts=2, streaming=True, quality_tokens=256))  # allocation by sensitivity
+    assert len(measured) == 2 and priced.passed, priced.failures
+    assert priced.plan.allocation == "sensitivity" and priced.plan.factorized and priced.plan.vocabulary is None
+    assert priced.plan.estimated_loss_increase > 0
 
 
 # What the capped export may allocate (RLIMIT_DATA: heap and private writable mappings): the interpreter and its
@@ -146,3 +173,36 @@ def test_layerwise_relearning_loses_less_than_svdllm_a_block_at_a_time(tmp_path,
         assert result.plan.factorized and result.method == method
         cost[method] = result.quality.shipped_perplexity - result.quality.reference_perplexity
     assert cost["basel-layerwise"] < cost["svdllm"] / 2, cost
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"], indirect=True)  # tied head; untied head with q/k/v biases
+def test_layers_priced_a_block_at_a_time_as_in_memory(tiny_model_dir, tokenizer):
+    """Layer sensitivity without the whole model: the forward pass, then the backward pass a block at a time from
+    saved inputs, give every layer the costs that gradients through the whole loaded model give."""
+    calibration = calibration_batches(tokenizer, [(Path(sysconfig.get_paths()["stdlib"]) / "shlex.py").read_text()],
+                                      samples=4, seq_len=32, seed=0)
+    dense = load_model(str(tiny_model_dir))
+    spec = describe(dense.model)
+    names = [layer.name for layer in spec.layers]
+
+    def ranks(layer):
+        return rank_options(layer.d_in, layer.d_out, 8)
+
+    stats = activation_stats(dense.model, calibration, names)
+    fisher = output_fisher(dense.model, calibration, names)
+    in_memory = {layer.name: layer_costs(dense.model.get_submodule(layer.name).weight, stats[layer.name]["gram"],
+                                         fisher[layer.name], ranks(layer), "int4", layer.name)
+                 for layer in spec.layers}
+    skeleton = load_model(str(tiny_model_dir), streamed=True)
+    blocks = []
+    streamed = streamed_costs(skeleton.checkpoint, skeleton.model, spec, calibration, ranks, "int4",
+                              on_block=lambda: blocks.append(1))
+    assert len(blocks) == 2 * spec.num_layers  # forward, then backward
+    assert streamed.keys() == in_memory.keys()
+    for name, costs in in_memory.items():
+        assert streamed[name].keys() == costs.keys() and len(costs) > 1
+        assert any(cost > 0 for cost in costs.values())
+        for rank, cost in costs.items():
+            assert streamed[name][rank] == pytest.approx(cost, rel=1e-3, abs=1e-9), (name, rank)
+    assert all(p.device.type == "meta" for p in skeleton.model.get_submodule(skeleton.checkpoint.arch.blocks)
+               .parameters())  # every block dropped again
