@@ -47,7 +47,7 @@ from exporter.graph import DecoderGraph, GraphOptions, all_positions
 from exporter.models import lm_head_name
 from exporter.quality import ROWS, heldout_windows
 from exporter.quantize import Int4Matrix, apply_, quantize_modules, round_to_nearest, untied_embedding
-from exporter.select import SelectionMethod
+from exporter.select import SelectionMethod, single_thread
 
 
 @dataclass
@@ -209,9 +209,10 @@ def _stream(checkpoint, model, tokenizer, spec, options, precision, plan, method
             heldout = through(block, heldout)
             reference.add_block(index, quantize_modules(block, None, prefix) if int4 else None)
 
-            spectra += [layer_spectrum(layer, model, method, selection) for layer in _factorized(plan, prefix)
-                        if layer in picked]
-            layers += _factorize(model, block, prefix, plan, method, selection, calibration)
+            with single_thread():
+                spectra += [layer_spectrum(layer, model, method, selection) for layer in _factorized(plan, prefix)
+                            if layer in picked]
+                layers += _factorize(model, block, prefix, plan, method, selection, calibration)
             compressed = through(block, compressed)
             quantized = quantize_modules(block, grams, prefix) if int4 else None
             for graph in graphs:
