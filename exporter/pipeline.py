@@ -417,13 +417,11 @@ class TaskData:
                       lambda advance: self.method.cache.get_or_compute(key, lambda: output_fisher(
                           self.loaded.model, calibration, names, advance)))
 
-
     def streamed_costs(self, ranks: Callable[[LayerPlan], list[int]], precision: str) -> dict[str, dict[int, float]]:
         """Every layer's `layer_costs`, priced a block at a time (exporter.sensitivity.streamed_costs), cached."""
         calibration, loaded = self.calibration, self.loaded
         options = {layer.name: ranks(layer) for layer in self.spec.layers}
-        key = tensor_key("streamed-costs", loaded.fingerprint, calibration.fingerprint, precision,
-                         repr(options))
+        key = tensor_key("streamed-costs", loaded.fingerprint, calibration.fingerprint, precision, repr(options))
 
         def price(advance: Callable[[], None]) -> dict[str, torch.Tensor]:
             costs = streamed_costs(loaded.checkpoint, loaded.model, self.spec, calibration, ranks,
