@@ -31,10 +31,9 @@ from exporter.calibration import Calibration
 from exporter.checkpoint import Checkpoint, release
 from exporter.collect import InputStats
 from exporter.contracts import LayerPlan, ModelSpec
-from exporter.quality import ROWS
 from exporter.quantize import round_to_nearest
 from exporter.select import single_thread, svd
-from exporter.stream import embed, through
+from exporter.stream import Head, embed, through
 
 
 def output_fisher(model: nn.Module, calibration: Calibration, names: list[str],
@@ -82,8 +81,11 @@ def streamed_costs(checkpoint: Checkpoint, model: PreTrainedModel, spec: ModelSp
             release(block)
             on_block()
         with checkpoint.outside_blocks(model), _frozen(model):
-            gradients = [_loss_gradient(model, checkpoint.arch.final_norm, piece.hidden, batch)
+            head = Head(model, checkpoint.arch.final_norm)
+            gradients = [head.loss_gradient(piece.hidden, batch)
                          for piece, batch in zip(pieces, calibration.batches, strict=True)]
+        arguments = [piece.kwargs for piece in pieces]  # the final states are done with
+        del pieces
         for index in reversed(range(spec.num_layers)):
             prefix = checkpoint.block_path(index)
             block = checkpoint.materialize(model.get_submodule(prefix), prefix)
@@ -92,8 +94,8 @@ def streamed_costs(checkpoint: Checkpoint, model: PreTrainedModel, spec: ModelSp
             stats, fisher = InputStats(), {}
             inputs = torch.load(Path(folder) / f"{index}.pt")
             with _frozen(block), stats.watching(model, names), _output_gradient_squares(model, names, fisher):
-                for k, (hidden, piece) in enumerate(zip(inputs, pieces, strict=True)):
-                    gradients[k] = _input_gradient(block, hidden, piece.kwargs, gradients[k])
+                for k, (hidden, kwargs) in enumerate(zip(inputs, arguments, strict=True)):
+                    gradients[k] = _input_gradient(block, hidden, kwargs, gradients[k])
             grams = stats.result()
             with single_thread():
                 for layer in layers:
@@ -142,25 +144,6 @@ def _output_gradient_squares(model: nn.Module, names: list[str], fisher: dict[st
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _loss_gradient(model: PreTrainedModel, final_norm: str, hidden: torch.Tensor, batch: torch.Tensor
-                   ) -> torch.Tensor:
-    """The gradient of a window's summed per-token losses with respect to its final hidden states (`ROWS`
-    positions at a time: a window's logits at a 150k-token vocabulary would be 0.3 GB, and their gradient as much)."""
-    hidden = hidden.detach().requires_grad_()
-    norm, head = model.get_submodule(final_norm), model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    targets = batch[:, 1:]
-    with torch.enable_grad():
-        for first in range(0, targets.shape[1], ROWS):
-            logits = head(norm(hidden[:, first:first + ROWS]))
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
-            chunk = targets[:, first:first + ROWS]
-            nn.functional.cross_entropy(logits[:, :chunk.shape[1]].flatten(0, 1).float(), chunk.flatten(),
-                                        reduction="sum").backward()
-    return hidden.grad
 
 
 def _input_gradient(block: nn.Module, hidden: torch.Tensor, kwargs: dict, gradient: torch.Tensor) -> torch.Tensor:

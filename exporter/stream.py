@@ -124,7 +124,7 @@ def through(block: nn.Module, pieces: list[Piece]) -> list[Piece]:
     return outputs
 
 
-class _Head:
+class Head:
     """Final norm and lm_head on hidden states, `ROWS` positions at a time (a window's logits at a 150k-token
     vocabulary would be 0.3 GB)."""
 
@@ -132,10 +132,25 @@ class _Head:
         self.norm, self.head = model.get_submodule(final_norm), model.get_output_embeddings()
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
 
-    @torch.no_grad()
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         out = self.head(self.norm(hidden))
         return out if not self.softcap else torch.tanh(out / self.softcap) * self.softcap
+
+    @torch.no_grad()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self(hidden)
+
+    def loss_gradient(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The gradient of a window's summed next-token losses (`ids`, (1, length)) with respect to its final
+        hidden states `hidden` (1, length, width); the logits' gradient is as large as they are."""
+        hidden = hidden.detach().requires_grad_()
+        targets = ids[:, 1:]
+        with torch.enable_grad():
+            for first in range(0, targets.shape[1], ROWS):
+                chunk = targets[:, first:first + ROWS]
+                logits = self(hidden[:, first:first + chunk.shape[1]])
+                nn.functional.cross_entropy(logits.flatten(0, 1).float(), chunk.flatten(), reduction="sum").backward()
+        return hidden.grad
 
     def nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> float:
         """Summed negative log-likelihood of `targets` (one per position of `hidden`, (positions, width))."""
@@ -172,7 +187,7 @@ def stream_export(checkpoint: Checkpoint, model: PreTrainedModel, tokenizer: Pre
 
 def _stream(checkpoint, model, tokenizer, spec, options, precision, plan, method, inputs, folder,
             on_block) -> Streamed:
-    arch, head = checkpoint.arch, _Head(model, checkpoint.arch.final_norm)
+    arch, head = checkpoint.arch, Head(model, checkpoint.arch.final_norm)
     int4 = precision == "int4"
     head_name = lm_head_name(model)
     tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
@@ -287,7 +302,7 @@ def _factorize(model: PreTrainedModel, block: nn.Module, prefix: str, plan: Rank
     return layers
 
 
-def _head_stats(head: _Head, head_name: str, final: list[Piece]) -> dict:
+def _head_stats(head: Head, head_name: str, final: list[Piece]) -> dict:
     """The lm_head's input statistics on the calibration windows' final hidden states (what GPTQ rounds it by)."""
     stats = InputStats()
     for piece in final:
