@@ -31,7 +31,9 @@ def write_folder(gguf: Path, folder: Path, shard_bytes: float = 1e9) -> None:
     of about `shard_bytes`."""
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     with torch.device("meta"):
-        names = get_gguf_hf_weights_map(AutoModelForCausalLM.from_config(config))
+        skeleton = AutoModelForCausalLM.from_config(config)
+    names = get_gguf_hf_weights_map(skeleton)
+    config.architectures = [type(skeleton).__name__]  # tools reading the folder pick the model by it (genai's builder)
     metadata = load_gguf_checkpoint(str(gguf), return_tensors=False)  # config as llama.cpp wrote it
     reader = GGUFReader(gguf)
     architecture = bytes(reader.fields["general.architecture"].parts[-1]).decode()

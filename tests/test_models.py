@@ -81,6 +81,7 @@ def test_gguf_is_converted_a_tensor_at_a_time_into_what_transformers_loads(tmp_p
     write_folder(gguf, tmp_path, shard_bytes=64e6)
     shards = set(json.loads((tmp_path / INDEX_FILE).read_text())["weight_map"].values())
     assert len(shards) >= 4 and all((tmp_path / shard).stat().st_size < 64e6 + 120e6 for shard in shards)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     checkpoint = Checkpoint(tmp_path, str(gguf))
     reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     weights = reference.state_dict()
