@@ -91,6 +91,21 @@ def test_gptq_lowers_the_output_error_on_its_inputs():
     assert torch.equal(rebuilt, matrix.dequantize())
 
 
+def test_error_weights_are_the_references_factor_of_the_inverse_hessian():
+    from exporter.quantize import GPTQ_DAMPING, _factor_rows, _inverse_factor
+
+    _, gram = correlated_inputs(d=70)
+    gram[3], gram[:, 3] = 0, 0  # an input that is always zero
+    hessian = gram.clone()
+    hessian[3, 3] = 1
+    hessian.diagonal().add_(GPTQ_DAMPING * float(hessian.diagonal().mean()))
+    reference = torch.linalg.cholesky(torch.linalg.inv(hessian), upper=True)  # GPTQ's: H^-1 = U^T U
+    factor = _inverse_factor(gram.float())
+    assert torch.allclose(_factor_rows(factor, 0, 70).double().triu(), reference.float().double(), rtol=1e-5,
+                          atol=1e-6)
+    assert torch.equal(_factor_rows(factor, 32, 64), _factor_rows(factor, 0, 70)[32:64])
+
+
 def test_rows_are_rounded_in_pieces_exactly_as_all_at_once(monkeypatch):
     from exporter import quantize
 
