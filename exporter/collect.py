@@ -36,9 +36,8 @@ def input_hooks(model: nn.Module, names: list[str], on_input: Callable[[str, tor
 class InputStats:
     """Per layer: `gram` = X^T X / n (d_in x d_in, float32) and `abs_mean` = mean |x| per input channel (float64),
     of the inputs the layers see while `watching` (or are given to `accumulate`). Held in float32, every layer's at
-    once; whoever decomposes one does so in a copy, one at a time (whitening in float64, GPTQ in float32; at
-    Llama-2-7B's width float64 copies of all four were 1.37 GB of a 5.4 GB peak), or in its own memory when it is
-    not needed afterwards (a streamed block's GPTQ).
+    once; whoever decomposes one (whitening, GPTQ) does so in float64, one at a time (at Llama-2-7B's width the
+    float64 copies of all four were 1.37 GB of a 5.4 GB peak).
 
     Projections that read the same tensor (q/k/v, gate/up) share one entry: computed once, stored once."""
 

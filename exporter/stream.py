@@ -202,8 +202,7 @@ def _stream(checkpoint, model, tokenizer, spec, options, precision, plan, method
     if int4 and tied:  # GPTQ needs the final hidden states: one dense pass over the blocks gives them first
         final = carry(checkpoint, model, spec, Windows(calibration.dense, None))
         with checkpoint.outside_blocks(model):
-            table = quantize_modules(model.get_output_embeddings(), _head_stats(head, head_name, final), head_name,
-                                     overwrite=True)
+            table = quantize_modules(model.get_output_embeddings(), _head_stats(head, head_name, final), head_name)
     with checkpoint.outside_blocks(model), _rounded(model, checkpoint, table):
         mirror = embed(model, arch.blocks, inputs.prompts)  # the PyTorch twin of the shipped weights
     picked = spectrum_layers(plan)
@@ -230,7 +229,7 @@ def _stream(checkpoint, model, tokenizer, spec, options, precision, plan, method
                             if layer in picked]
                 layers += _factorize(model, block, prefix, plan, method, selection, calibration)
             compressed = through(block, compressed)
-            quantized = quantize_modules(block, grams, prefix, overwrite=True) if int4 else None
+            quantized = quantize_modules(block, grams, prefix) if int4 else None
             for graph in graphs:
                 graph.add_block(index, quantized)
             if quantized:
@@ -248,8 +247,8 @@ def _stream(checkpoint, model, tokenizer, spec, options, precision, plan, method
         elif int4:
             output = model.get_output_embeddings()
             nearest = {**quantize_modules(output, None, head_name), **table}
-            rounded = {**quantize_modules(output, _head_stats(head, head_name, calibration.dense), head_name,
-                                          overwrite=True), **table}
+            rounded = {**quantize_modules(output, _head_stats(head, head_name, calibration.dense), head_name),
+                       **table}
         reference_proto = reference.finish(nearest)
         shipped_proto, *exact_proto = (graph.finish(rounded) for graph in graphs)
         apply_(model, rounded or {})  # the tables are dropped after this
