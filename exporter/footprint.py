@@ -43,10 +43,10 @@ SKIP_CHECK = "EDGESLIM_SKIP_MEMORY_CHECK"
 
 
 # A streamed export (exporter.stream) holds one block, the tables outside the blocks (embedding, lm_head), one
-# block's statistics and the calibration hidden states at a time (GPTQ's float64 copy of one Gram matrix is not a
-# term: session 10's peaks did not move when it was left out, float32 in place, or in); then
-# validation holds the int4 model in onnxruntime, twice for held-out quality (the shipped graph and the
-# reference). Fitted to scripts/bench_scale.py --streaming (scripts/results/bench_scale_streamed_session10.md).
+# block's statistics and the calibration hidden states at a time (not GPTQ's float64 copy of one Gram matrix: the
+# measured peaks were the same without it); then validation holds the int4 model in onnxruntime, twice for
+# held-out quality (the shipped graph and the reference). Fitted to scripts/bench_scale.py --streaming
+# (scripts/results/bench_scale_streamed_session10.md).
 STREAM_BASE_BYTES = 0.79e9
 STREAM_COPIES = 1.56  # peak bytes per fp32 byte of the largest block and the tables outside the blocks
 VALIDATION_BYTES_PER_PARAMETER = 0.9  # the int4 model in onnxruntime (0.53 bytes a parameter) and its prepacking
