@@ -219,6 +219,7 @@ class DecoderGraph:
         if arch.mlp_out_norm:
             self.delta, _ = _norm(b, arch, self.delta, None, block.get_submodule(arch.mlp_out_norm),
                                   f"{prefix}/norm2b")
+        weights.quantized = None  # not kept till the next block: a streamed export frees each block's int4 matrices
 
     def finish(self, quantized: dict[str, Int4Matrix] | None = None) -> onnx.ModelProto:
         """The embedding (before the blocks), final norm and lm_head; `quantized` holds the lm_head's (and an
@@ -233,6 +234,7 @@ class DecoderGraph:
                          ALL_HIDDEN)
         b.add("Slice", [final, b.constant([-1]), b.constant([2**62]), b.constant([1])], "last_position", [LAST_HIDDEN])
         _lm_head(b, self.weights, model, quantized, LAST_HIDDEN, self.head_level)
+        self.weights.quantized = None
 
         # one logits row a sequence: the static 1 tells onnxruntime-genai the graph returns the last position only
         batch, total = "batch_size", "total_sequence_length"

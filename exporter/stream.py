@@ -229,11 +229,7 @@ def _stream(checkpoint, model, tokenizer, spec, options, precision, plan, method
                             if layer in picked]
                 layers += _factorize(model, block, prefix, plan, method, selection, calibration)
             compressed = through(block, compressed)
-            quantized = quantize_modules(block, grams, prefix) if int4 else None
-            for graph in graphs:
-                graph.add_block(index, quantized)
-            if quantized:
-                apply_(model, quantized)
+            _round_into(graphs, model, block, index, grams if int4 else None, prefix)
             mirror = through(block, mirror)
             release(block)
             on_block()
@@ -287,6 +283,18 @@ def _calibrate(checkpoint: Checkpoint, model: PreTrainedModel, spec: ModelSpec, 
         selection = method.collect_block(model, block, windows.compressed or windows.dense, outputs, grams, ranks)
     windows.dense = outputs
     return block, grams, selection
+
+
+def _round_into(graphs: list[DecoderGraph], model: PreTrainedModel, block: nn.Module, index: int,
+                grams: dict | None, prefix: str) -> None:
+    """Block `index` added to every graph: its layers rounded by GPTQ on `grams` (each Gram matrix freed once
+    used) and written back into `model` as the runtime will compute them (the twin), or in fp32 without `grams`.
+    The int4 matrices are freed on return, before the next block is read."""
+    quantized = quantize_modules(block, grams, prefix, consume=True) if grams is not None else None
+    for graph in graphs:
+        graph.add_block(index, quantized)
+    if quantized:
+        apply_(model, quantized)
 
 
 def _factorized(plan: RankPlan, prefix: str) -> list[LayerPlan]:

@@ -68,9 +68,9 @@ def test_exact_halves_round_away_from_zero_as_c_does():
 def test_zero_blocks_and_padding_hold_zero():
     matrix = round_to_nearest(torch.zeros(3, 40))
     assert torch.equal(matrix.dequantize(), torch.zeros(3, 40))
-    assert matrix.q.shape == (3, 64) and matrix.nbytes() == int4_bytes(3, 40)
+    assert matrix.levels().shape == (3, 64) and matrix.nbytes() == int4_bytes(3, 40)
     padded = round_to_nearest(torch.randn(2, 40))
-    assert torch.equal(padded.q[:, 40:], padded.zero[:, 1:2].expand(2, 24))  # padding = zero point: value 0
+    assert torch.equal(padded.levels()[:, 40:], padded.zero[:, 1:2].expand(2, 24))  # padding = zero point: value 0
 
 
 def correlated_inputs(n=2048, d=128, seed=0):
@@ -86,8 +86,8 @@ def test_gptq_lowers_the_output_error_on_its_inputs():
               for name, matrix in (("nearest", round_to_nearest(weight)), ("gptq", gptq(weight, gram)))}
     assert errors["gptq"] < 0.8 * errors["nearest"]
     matrix = gptq(weight, gram)
-    assert int(matrix.q.max()) <= 15 and matrix.q.dtype == torch.uint8
-    rebuilt = Int4Matrix(matrix.q, matrix.scale, matrix.zero, matrix.k).dequantize()
+    assert int(matrix.levels().max()) <= 15 and matrix.packed.shape == (64, 64)
+    rebuilt = Int4Matrix(matrix.packed, matrix.scale, matrix.zero, matrix.k).dequantize()
     assert torch.equal(rebuilt, matrix.dequantize())
 
 
@@ -111,12 +111,12 @@ def test_rows_are_rounded_in_pieces_exactly_as_all_at_once(monkeypatch):
     _, gram = correlated_inputs(d=130)  # and a partial last block
     weight = torch.randn(100, 130) * 0.05  # rows never mix: pieces of 7 rows bound memory, change nothing
     whole, pieces = gptq(weight, gram), gptq(weight, gram, rows=7)
-    assert torch.equal(whole.q, pieces.q) and torch.equal(whole.zero, pieces.zero)
+    assert torch.equal(whole.packed, pieces.packed) and torch.equal(whole.zero, pieces.zero)
     assert torch.allclose(whole.scale, pieces.scale, rtol=1e-5, atol=1e-7)  # matmuls of other sizes: ulps
     whole = round_to_nearest(weight)
     monkeypatch.setattr(quantize, "ELEMENTS_AT_ONCE", 7 * 130)
     pieces = round_to_nearest(weight)
-    assert all(torch.equal(a, b) for a, b in ((whole.q, pieces.q), (whole.scale, pieces.scale),
+    assert all(torch.equal(a, b) for a, b in ((whole.packed, pieces.packed), (whole.scale, pieces.scale),
                                               (whole.zero, pieces.zero)))
 
 
