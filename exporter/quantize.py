@@ -53,8 +53,7 @@ class Int4Matrix:
 
     @classmethod
     def from_levels(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: int) -> Int4Matrix:
-        q = q.to(torch.uint8)
-        return cls(q[:, 0::2] | (q[:, 1::2] << 4), scale.float(), zero.to(torch.uint8), k)
+        return cls(_two_a_byte(q), scale.float(), zero.to(torch.uint8), k)
 
     @property
     def n(self) -> int:
@@ -79,16 +78,20 @@ class Int4Matrix:
 
     def packed_zero_points(self) -> np.ndarray:
         """(N, ceil(blocks / 2)) uint8, two zero points a byte, the even block's in the low nibble."""
-        zero = self.zero.to(torch.uint8).numpy()
-        if self.blocks % 2:
-            zero = np.concatenate([zero, np.zeros((self.n, 1), dtype=np.uint8)], axis=1)
-        return (zero[:, 0::2] | (zero[:, 1::2] << 4)).astype(np.uint8)
+        return _two_a_byte(nn.functional.pad(self.zero, (0, self.blocks % 2))).numpy()
 
     def rows(self, start: int, end: int) -> Int4Matrix:
         return Int4Matrix(self.packed[start:end], self.scale[start:end], self.zero[start:end], self.k)
 
     def nbytes(self) -> int:
         return self.n * (self.blocks * (QUANT_BLOCK // 2 + 4) + (self.blocks + 1) // 2)
+
+
+def _two_a_byte(levels: torch.Tensor) -> torch.Tensor:
+    """(N x 2M) levels 0..15 as (N x M) uint8, the even column's in the low nibble: MatMulNBits' layout for weights
+    and zero points."""
+    levels = levels.to(torch.uint8)
+    return levels[:, 0::2] | (levels[:, 1::2] << 4)
 
 
 def int4_bytes(n: int, k: int) -> int:
