@@ -25,6 +25,7 @@ from exporter.architectures import arch_for
 from exporter.errors import UsageError
 
 INDEX_FILE = "model.safetensors.index.json"
+READ_BYTES = 1 << 24  # a tensor is read and converted 16 MiB at a time
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
@@ -79,17 +80,23 @@ class Checkpoint:
         if not self.entries:
             raise UsageError(f"--model {source}: layer streaming reads safetensors weights and the folder has none")
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """One tensor as stored (bf16, say), its bytes read from its shard alone: copied into an fp32 parameter,
-        it is converted on the way, with no fp32 temporary."""
+    def read_into(self, name: str, target: torch.Tensor) -> torch.Tensor:
+        """Mutates `target` (contiguous, the tensor's shape; fp32, say): tensor `name` as stored (bf16, say) read
+        from its shard alone into it, converted on the way a few MB at a time, so neither the stored bytes nor an
+        fp32 temporary are ever held whole beside it (a 128k-row bf16 table at 3B width is 0.8 GB)."""
         if name not in self.entries:
             raise UsageError(f"--model {self.source}: the checkpoint has no tensor {name}; is it complete?")
-        shard, dtype, shape, start, end = self.entries[name]
-        data = bytearray(end - start)
+        shard, dtype, shape, start, _ = self.entries[name]
+        flat, itemsize = target.view(shape).view(-1), dtype.itemsize
+        step = READ_BYTES // itemsize
+        buffer = memoryview(bytearray(step * itemsize))
         with open(shard, "rb") as f:
             f.seek(start)
-            f.readinto(data)
-        return torch.frombuffer(data, dtype=dtype).reshape(shape) if data else torch.zeros(shape, dtype=dtype)
+            for first in range(0, len(flat), step):
+                count = min(step, len(flat) - first)
+                f.readinto(buffer[:count * itemsize])
+                flat[first:first + count].copy_(torch.frombuffer(buffer, dtype=dtype, count=count))
+        return target
 
     def skeleton(self) -> PreTrainedModel:
         """The model with its weights on the meta device (no memory) and its rotary tables computed."""
@@ -123,14 +130,14 @@ class Checkpoint:
         module.to_empty(device="cpu")
         with torch.no_grad():
             for name, parameter in module.named_parameters():
-                parameter.copy_(self.tensor(".".join(filter(None, (prefix, name)))))
+                self.read_into(".".join(filter(None, (prefix, name))), parameter)
         return module
 
     @torch.no_grad()
     def reload(self, model: nn.Module, parameter: nn.Parameter) -> None:
         """Mutates `parameter` (of `model`): its values read from the checkpoint again."""
         name = next(name for name, p in model.named_parameters() if p is parameter)  # a tied one: its first name
-        parameter.copy_(self.tensor(name))
+        self.read_into(name, parameter)
 
     def block_path(self, index: int) -> str:
         return f"{self.arch.blocks}.{index}"

@@ -58,8 +58,10 @@ class InputStats:
             return
         self._previous = (x, name)
         flat = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, d_in)
-        entry = self.entries.setdefault(name, {"gram": torch.zeros(flat.shape[1], flat.shape[1]),
-                                               "abs_mean": torch.zeros(flat.shape[1]), "tokens": torch.zeros(())})
+        if name not in self.entries:  # (a setdefault would make, and drop, a K x K default on every call)
+            self.entries[name] = {"gram": torch.zeros(flat.shape[1], flat.shape[1]),
+                                  "abs_mean": torch.zeros(flat.shape[1]), "tokens": torch.zeros(())}
+        entry = self.entries[name]
         # float32 sums: a float64 product took 3.2x as long (qwen2-0.5b's down_proj: 3.3 s a block)
         entry["gram"].addmm_(flat.T, flat)
         entry["abs_mean"] += flat.abs().sum(0)

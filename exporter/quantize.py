@@ -124,16 +124,18 @@ def _padded_blocks(weight: torch.Tensor) -> torch.Tensor:
 
 def round_to_nearest(weight: torch.Tensor) -> Int4Matrix:
     """Every weight rounded alone to its block's grid, as onnxruntime's MatMulNBits quantizer does (C's roundf of
-    x * (1 / scale) + zero, halves away from zero)."""
-    return _by_rows(weight, _nearest)
+    x * (1 / scale) + zero, halves away from zero). A quarter of the usual rows at a time: a piece's temporaries
+    are four times its size (a Llama-2-7B block's reference rounding held 0.4 GB of them)."""
+    return _by_rows(weight, _nearest, rows_at_once(4 * weight.shape[1]))
 
 
 def _nearest(weight: torch.Tensor) -> Int4Matrix:
     blocks = _padded_blocks(weight)
     scale, zero = _grid(blocks)
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = _round_half_away(blocks * (1 / safe)[..., None] + zero[..., None]).clamp(0, LEVELS)
-    return _finish(q, scale, zero, weight.shape[1])
+    x = blocks * (1 / safe)[..., None]
+    x.add_(zero[..., None])
+    return _finish(_round_half_away(x).clamp_(0, LEVELS), scale, zero, weight.shape[1])
 
 
 def gptq(weight: torch.Tensor, gram: torch.Tensor, rows: int | None = None) -> Int4Matrix:
@@ -145,14 +147,16 @@ def gptq(weight: torch.Tensor, gram: torch.Tensor, rows: int | None = None) -> I
     return gptq_sharing([weight], gram, rows)[0]
 
 
-def gptq_sharing(weights: list[torch.Tensor], gram: torch.Tensor, rows: int | None = None) -> list[Int4Matrix]:
-    """`gptq` of matrices that read the same inputs (q/k/v, gate/up): one inverse for all, and no stacked copy."""
+def gptq_sharing(weights: list[torch.Tensor], gram: torch.Tensor, rows: int | None = None,
+                 consume: bool = False) -> list[Int4Matrix]:
+    """`gptq` of matrices that read the same inputs (q/k/v, gate/up): one inverse for all, and no stacked copy.
+    `consume`: the Gram matrix's memory is handed back while the inverse is made (it is empty after)."""
     dead = gram.diagonal() == 0  # inputs that are always zero: their weights do not matter
-    factor = _inverse_factor(gram)
+    factor = _inverse_factor(gram, consume)
     return [_by_rows(weight, lambda piece: _gptq_rows(piece, factor, dead), rows) for weight in weights]
 
 
-def _inverse_factor(gram: torch.Tensor) -> torch.Tensor:
+def _inverse_factor(gram: torch.Tensor, consume: bool = False) -> torch.Tensor:
     """GPTQ's error weights: U, the upper Cholesky factor of the damped inverse Hessian (H^-1 = U^T U), held as
     P U P (P reverses the order; `_factor_rows` reads U's rows from it).
 
@@ -161,17 +165,28 @@ def _inverse_factor(gram: torch.Tensor) -> torch.Tensor:
     triangular inverse, 2/3 K^3 (Llama-2-7B's 11008-wide MLP input: 16 s here instead of 38). In float64, in place
     in one K x K matrix (0.97 GB at K = 11008, no copy beside it): LAPACK works on column-major matrices, and the
     transpose of this row-major one is column-major and the same matrix while symmetric. torch has no triangular
-    inverse (LAPACK's trtri): scipy's runs on the same memory."""
+    inverse (LAPACK's trtri): scipy's runs on the same memory.
+
+    `consume`: the float32 Gram matrix is freed once copied, before the float64 one is filled: P H P is first
+    written in float32 into the second half of the float64 matrix's memory (its first half untouched, so not yet
+    resident), then widened in place, first element first. At K = 11008 the two matrices never hold more than the
+    float64 one's 0.97 GB, instead of 1.45 GB."""
     size = len(gram)
-    reversed_gram = torch.empty(size, size, dtype=torch.float64)
+    factor = torch.empty(size, size, dtype=torch.float64)
+    staged = factor.view(-1).view(torch.float32)[size * size:].view(size, size)
     step = rows_at_once(size)
     for start in range(0, size, step):  # P H P, a few rows at a time: torch.flip copies the whole matrix
         end = min(start + step, size)
-        reversed_gram[size - end:size - start] = gram[start:end].flip(0, 1)
-    diagonal = reversed_gram.diagonal()
+        staged[size - end:size - start] = gram[start:end].flip(0, 1)
+    if consume:
+        gram.untyped_storage().resize_(0)
+    wide, narrow, chunk = factor.view(-1), staged.view(-1), ELEMENTS_AT_ONCE // 8  # a 16 MiB temporary
+    for start in range(0, size * size, chunk):  # element i's 8 bytes hold float32 elements before i only
+        wide[start:start + chunk] = narrow[start:start + chunk].double()
+    diagonal = factor.diagonal()
     diagonal[diagonal == 0] = 1
     diagonal.add_(GPTQ_DAMPING * float(diagonal.mean()))
-    column_major = reversed_gram.T
+    column_major = factor.T
     torch.linalg.cholesky(column_major, out=column_major)  # P H P = L L^T, L in the lower triangle
     _, info = lapack.dtrtri(column_major.numpy(), lower=1, overwrite_c=1)  # L^-1, in place
     if info != 0:
@@ -249,9 +264,12 @@ def untied_embedding(model: nn.Module) -> dict[str, Int4Matrix]:
 def quantize_modules(root: nn.Module, stats: dict | None = None, prefix: str = "",
                      consume: bool = False) -> dict[str, Int4Matrix]:
     """The Linear layers under `root` (whose path in the model is `prefix`: a streamed export rounds one block at a
-    time) at int4, keyed by their paths in the model; `stats` is keyed by those paths too. `consume`: each Gram
-    matrix is taken out of `stats` once its layers are rounded, so it is freed before the next one's inverse is
-    made (a streamed block's statistics are not needed after: 0.2 GB less beside Llama-2-7B's widest inverse).
+    time) at int4, keyed by their paths in the model; `stats` is keyed by those paths too.
+
+    `consume` (a streamed block, whose statistics and fp32 weights are not needed once it is rounded): each Gram
+    matrix is used up by its inverse and taken out of `stats`, and each rounded layer's weight is dropped (left on
+    the meta device; `apply_` writes it back dequantized). So Llama-2-7B's widest inverse, the last, is made beside
+    neither the other Gram matrices nor the block's other weights (1.3 GB at that width).
 
     A factorized layer y = B (A x) is rounded in two steps: A by GPTQ on the layer's inputs; then B refitted to
     what A's rounding changed (least squares: the B that best reproduces the unrounded layer's output from the
@@ -271,11 +289,14 @@ def quantize_modules(root: nn.Module, stats: dict | None = None, prefix: str = "
             else:
                 reading.setdefault(id(stats[name]["gram"]), []).append(name)
     for names in reading.values():  # layers reading one input share one inverse
-        rounded = gptq_sharing([modules[name].weight.detach() for name in names], stats[names[0]]["gram"])
+        rounded = gptq_sharing([modules[name].weight.detach() for name in names], stats[names[0]]["gram"],
+                               consume=consume)
         quantized.update(zip(names, rounded, strict=True))
         if consume:
             for name in names:
                 del stats[name]
+                weight = modules[name].weight
+                modules[name].weight = nn.Parameter(weight.to("meta"), requires_grad=weight.requires_grad)
     return quantized
 
 
@@ -296,9 +317,14 @@ def _quantize_low_rank(name: str, layer: LowRankLinear, gram: torch.Tensor | Non
 def apply_(model: nn.Module, quantized: dict[str, Int4Matrix]) -> nn.Module:
     """Mutates `model`: every quantized weight replaced by its dequantized value, so PyTorch computes what the
     int4 graph computes (the mirror that the shipped graph's parity is checked against). A tied embedding follows
-    its lm_head: they share one tensor."""
+    its lm_head: they share one tensor. A weight that rounding dropped (`quantize_modules(consume=True)`) is made
+    again."""
     for name, matrix in quantized.items():
-        weight = model.get_submodule(name).weight
+        module = model.get_submodule(name)
+        if module.weight.is_meta:
+            module.weight = nn.Parameter(torch.empty_like(module.weight, device="cpu"),
+                                         requires_grad=module.weight.requires_grad)
+        weight = module.weight
         rows = rows_at_once(matrix.k)
         for start in range(0, matrix.n, rows):  # a few rows at a time: no full-size temporaries
             weight[start:start + rows].copy_(matrix.rows(start, start + rows).dequantize())
@@ -313,6 +339,10 @@ def _finish(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: int) ->
 
 
 def _round_half_away(x: torch.Tensor) -> torch.Tensor:
-    """C's roundf: to the nearest integer, halves away from zero (torch.round sends halves to even)."""
+    """C's roundf: to the nearest integer, halves away from zero (torch.round sends halves to even). A fraction
+    has its number's sign, so the step away from zero is the fraction's sign where it is at least a half."""
     whole = torch.trunc(x)
-    return whole + torch.where((x - whole).abs() >= 0.5, torch.sign(x), torch.zeros_like(x))
+    fraction = x - whole
+    step = torch.sign(fraction)
+    step.mul_(fraction.abs_() >= 0.5)
+    return whole.add_(step)

@@ -17,7 +17,7 @@ from exporter.collect import activation_stats
 from exporter.contracts import LayerPlan, RankPlan
 from exporter.factorize import factorize_
 from exporter.models import describe
-from exporter.quantize import Int4Matrix, apply_, gptq, int4_bytes, quantize_model, round_to_nearest
+from exporter.quantize import Int4Matrix, apply_, gptq, int4_bytes, quantize_model, quantize_modules, round_to_nearest
 from exporter.select import get_method
 
 
@@ -144,6 +144,29 @@ def test_factorized_layers_are_rounded_with_a_refitted_second_factor():
         return float(((x @ first.T @ second.T - exact) ** 2).mean())
 
     assert error(quantize_model(model, stats)) < 0.8 * error(quantize_model(model))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_consumed_block_rounds_as_a_kept_one_and_frees_its_statistics_and_weights(family):
+    """A streamed block is rounded with `consume`: the same int4 bytes, its Gram matrices emptied and taken out of
+    the statistics, its Linear weights dropped (biases kept) until `apply_` writes them back dequantized."""
+    model = build_tiny(family)
+    prefix = "model.layers.0"
+    names = [layer.name for layer in describe(model).layers if layer.name.startswith(prefix + ".")]
+    torch.manual_seed(0)
+    stats = activation_stats(model, Calibration(tuple(torch.randint(2, 300, (1, 64)) for _ in range(4)), "t"), names)
+    kept = quantize_modules(model.get_submodule(prefix), copy.deepcopy(stats), prefix)
+    grams = [entry["gram"] for entry in stats.values()]
+    consumed = quantize_modules(model.get_submodule(prefix), stats, prefix, consume=True)
+    assert set(consumed) == set(kept) == set(names) and not stats
+    assert all(torch.equal(consumed[n].packed, kept[n].packed) and torch.equal(consumed[n].scale, kept[n].scale)
+               for n in names)
+    assert all(gram.untyped_storage().nbytes() == 0 for gram in grams)
+    linears = [model.get_submodule(name) for name in names]
+    assert all(linear.weight.is_meta for linear in linears)
+    assert all(not linear.bias.is_meta for linear in linears if linear.bias is not None)
+    apply_(model, consumed)
+    assert all(torch.equal(model.get_submodule(name).weight, consumed[name].dequantize()) for name in names)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
