@@ -88,7 +88,7 @@ class Checkpoint:
             raise UsageError(f"--model {self.source}: the checkpoint has no tensor {name}; is it complete?")
         shard, dtype, shape, start, _ = self.entries[name]
         flat, itemsize = target.view(shape).view(-1), dtype.itemsize
-        step = READ_BYTES // itemsize
+        step = max(1, min(READ_BYTES // itemsize, len(flat)))  # a norm's weight: a buffer of its own size
         buffer = memoryview(bytearray(step * itemsize))
         with open(shard, "rb") as f:
             f.seek(start)

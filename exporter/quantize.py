@@ -269,7 +269,7 @@ def quantize_modules(root: nn.Module, stats: dict | None = None, prefix: str = "
     `consume` (a streamed block, whose statistics and fp32 weights are not needed once it is rounded): each Gram
     matrix is used up by its inverse and taken out of `stats`, and each rounded layer's weight is dropped (left on
     the meta device; `apply_` writes it back dequantized). So Llama-2-7B's widest inverse, the last, is made beside
-    neither the other Gram matrices nor the block's other weights (1.3 GB at that width).
+    neither the other Gram matrices nor the block's other weights (0.8 GB at that width).
 
     A factorized layer y = B (A x) is rounded in two steps: A by GPTQ on the layer's inputs; then B refitted to
     what A's rounding changed (least squares: the B that best reproduces the unrounded layer's output from the
