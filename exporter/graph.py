@@ -43,6 +43,8 @@ MS = "com.microsoft"
 CONTEXT_KEY = "context_length"  # model metadata: the longest sequence the graph serves
 LAST_HIDDEN = "last_hidden_state"  # the final norm's output, last position only
 ALL_HIDDEN = "hidden_state"
+BLOCK_START = "/norm1"  # the name's end of each block's first node
+FINAL_NORM = "final_norm"  # the head's first node
 
 
 def past_names(num_layers: int) -> list[str]:
@@ -209,7 +211,7 @@ class DecoderGraph:
         block = self.model.get_submodule(arch.blocks)[index]
         prefix = f"{arch.blocks}.{index}"
         x, residual = _norm(b, arch, self.residual, self.delta, block.get_submodule(arch.attention_norm),
-                            f"{prefix}/norm1")
+                            f"{prefix}{BLOCK_START}")
         attended = self.attention(block, prefix, index, x)
         (delta,) = weights.matmul(attended, [f"{prefix}.{arch.attention_out}"], f"{prefix}/attention_out")
         if arch.attention_out_norm:
@@ -230,7 +232,7 @@ class DecoderGraph:
         _embedding(b, model, arch, quantized)
         b.nodes[-1].output[0] = EMBEDDED
         b.nodes[self.embedding_at:] = b.nodes[blocks_end:] + b.nodes[self.embedding_at:blocks_end]
-        final, _ = _norm(b, arch, self.residual, self.delta, model.get_submodule(arch.final_norm), "final_norm",
+        final, _ = _norm(b, arch, self.residual, self.delta, model.get_submodule(arch.final_norm), FINAL_NORM,
                          ALL_HIDDEN)
         b.add("Slice", [final, b.constant([-1]), b.constant([2**62]), b.constant([1])], "last_position", [LAST_HIDDEN])
         _lm_head(b, self.weights, model, quantized, LAST_HIDDEN, self.head_level)
@@ -375,6 +377,12 @@ def all_positions(proto: onnx.ModelProto) -> onnx.ModelProto:
     del twin.graph.initializer[:]
     twin.graph.initializer.extend(kept)
     return twin
+
+
+def stage_starts(proto: onnx.ModelProto) -> list[int]:
+    """The indices of the nodes where each block and the head (final norm to logits) begin: a graph cut there
+    passes on only the residual stream and the attention's lengths from the mask (exporter.segments)."""
+    return [i for i, node in enumerate(proto.graph.node) if node.name.endswith(BLOCK_START) or node.name == FINAL_NORM]
 
 
 def _embedding(b: _Builder, model: nn.Module, arch: ArchSpec, quantized: dict[str, Int4Matrix] | None) -> str:

@@ -11,7 +11,8 @@ measures load time, prefill of the profile's prompt length, decode ms/token and 
 device's kernels reproduce the greedy tokens stored in the export (device_check.json, made with this same code when
 the export was validated), records which execution provider ran each operator, and writes one JSON result with the
 device's description; `edgeslim calibrate` fits a profile to such results. The pipeline runs
-`python -m exporter.measure MODEL --provider P --threads N --prefill-tokens T --context C` (one JSON object).
+`python -m exporter.measure MODEL --provider P --threads N --prefill-tokens T --context C
+--reference-prompt IDS` (one JSON object; the same session then writes the export's device_check.json).
 
 A fresh process is the only honest way to read a session's peak memory: the parent holds PyTorch and the
 model. Memory is the growth of the process's peak resident set (VmHWM) above its peak before the session was
@@ -59,8 +60,11 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: an upper bound
 
 
-def session(model: str, provider: str, threads: int, profile_prefix: str | None = None) -> ort.InferenceSession:
-    """`profile_prefix`: write onnxruntime's own profile there (which provider ran each node, and how long)."""
+def session(model: str | bytes, provider: str, threads: int, profile_prefix: str | None = None,
+            data_folder: str | None = None, arena: bool = True) -> ort.InferenceSession:
+    """`model`: a file, or a serialized graph whose external weights are in `data_folder`; `profile_prefix`: write
+    onnxruntime's own profile there (which provider ran each node, and how long); `arena`: keep freed activation
+    memory for the next run (faster; without it a session's memory goes back as each tensor is freed)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -68,6 +72,9 @@ def session(model: str, provider: str, threads: int, profile_prefix: str | None 
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
+    if data_folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", data_folder)
+    options.enable_cpu_mem_arena = arena
     providers = [provider] if provider == CPU else [provider, CPU]
     return ort.InferenceSession(model, options, providers=providers)
 
@@ -144,7 +151,9 @@ def prefill_and_decode(cache: SharedCache, ids: np.ndarray, runs: int,
 
 
 def measure(model: str, provider: str, threads: int, prefill_tokens: int, context: int, runs: int,
-            head_dim: int | None = None) -> dict:
+            head_dim: int | None = None, reference_prompt: list[int] | None = None) -> dict:
+    """`reference_prompt`: afterwards, store the greedy tokens after it beside the model (`write_reference`), from
+    this same session: the exporter never holds the whole shipped model itself."""
     baseline = _peak_rss_bytes()
     start = time.perf_counter()
     sess = session(model, provider, threads)
@@ -155,13 +164,16 @@ def measure(model: str, provider: str, threads: int, prefill_tokens: int, contex
 
     prefill_times, decode_times, token = prefill_and_decode(cache, ids, runs, DECODE_STEPS)
     cache.run(token, context - 1)  # a step with the KV cache full
+    peak = _peak_rss_bytes() - baseline
+    if reference_prompt is not None:
+        write_reference(sess, Path(model).parent, reference_prompt, prefill_tokens, context, threads, head_dim)
     return {
         "provider": sess.get_providers()[0],
         "threads": threads,
         "prefill_tokens": prefill_tokens,
         "prefill_ms": statistics.median(prefill_times),
         "decode_ms_per_token": statistics.median(decode_times),
-        "peak_memory_bytes": _peak_rss_bytes() - baseline,
+        "peak_memory_bytes": peak,
         "load_ms": load_ms,
     }
 
@@ -207,10 +219,10 @@ def describe_machine() -> dict:
             "providers_available": ort.get_available_providers(), "onnxruntime_genai": genai}
 
 
-def write_reference(model_file: str, folder: Path, prompt: list[int], prefill_tokens: int, context: int,
+def write_reference(sess: ort.InferenceSession, folder: Path, prompt: list[int], prefill_tokens: int, context: int,
                     threads: int, head_dim: int | None = None) -> None:
-    """Store the shipped graph's greedy tokens on this machine, for the device to reproduce."""
-    cache = SharedCache(session(model_file, CPU, threads), context, head_dim)
+    """Store the shipped graph's greedy tokens on this machine (a fresh KV buffer), for the device to reproduce."""
+    cache = SharedCache(sess, context, head_dim)
     tokens, margins = greedy(cache, list(prompt), PARITY_STEPS)
     reference = {"prompt": [int(t) for t in prompt], "tokens": tokens, "margins": margins,
                  "prefill_tokens": prefill_tokens, "threads": threads, "made_on": describe_machine()}
@@ -270,6 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--head-dim", type=int, default=None, help="for graphs that leave it symbolic")
     parser.add_argument("--parity-only", action="store_true", help="no timing (under emulation, say)")
+    parser.add_argument("--reference-prompt", default=None, help=f"with a .onnx file: token ids (1,2,3) whose greedy "
+                        f"continuation to store in {REFERENCE_FILE} beside it, for a device to reproduce")
     parser.add_argument("--json", default=None, help="also write the result to this file")
     args = parser.parse_args(argv)
     target = Path(args.target)
@@ -280,8 +294,9 @@ def main(argv: list[str] | None = None) -> None:
     elif None in (args.threads, args.prefill_tokens, args.context):
         parser.error("with a graph file, give --threads, --prefill-tokens and --context")
     else:
+        prompt = None if args.reference_prompt is None else [int(t) for t in args.reference_prompt.split(",")]
         result = measure(args.target, args.provider, args.threads, args.prefill_tokens,
-                         args.context, args.runs, args.head_dim)
+                         args.context, args.runs, args.head_dim, prompt)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     json.dump(result, sys.stdout)

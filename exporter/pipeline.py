@@ -48,7 +48,6 @@ from exporter.footprint import RssSampler, choose_streaming
 from exporter.generate import OnnxDecoder, TorchDecoder
 from exporter.grading import EvalTask, parse_eval_spec
 from exporter.graph import GraphOptions
-from exporter.measure import write_reference
 from exporter.mobile import package as package_ort
 from exporter.models import LoadedModel, cache_dir, describe, lm_head_name, load_model
 from exporter.output import Staging, check_destination, failed_path
@@ -249,7 +248,7 @@ def _build(loaded, spec, profile, rank_plan, method, stats, data, prompts, threa
         rank_plan.activations, profile.kv_cache_precision))
     parity, missing, agreement = _stage(progress, "validating in onnxruntime", None, lambda _: validate_parity(
         model, mirror, artifact, prompts, profile.execution_providers, threads))
-    measurement = _measure(artifact, profile, prompts, threads, staging, progress)
+    measurement = _measure(artifact, profile, prompts, threads, progress)
     return _Built(mirror, layers, spectra, artifact, parity, missing, agreement, measurement)
 
 
@@ -267,7 +266,7 @@ def _build_streamed(loaded, spec, profile, rank_plan, method, inputs: StreamInpu
     parity, missing, agreement = _stage(progress, "validating in onnxruntime", None, lambda _: validate_positions(
         artifact, inputs.prompts, streamed.compressed_logits, streamed.mirror_logits, profile.execution_providers,
         threads))
-    measurement = _measure(artifact, profile, inputs.prompts, threads, staging, progress)
+    measurement = _measure(artifact, profile, inputs.prompts, threads, progress)
     return _Built(None, streamed.layers, streamed.spectra, artifact, parity, missing, agreement, measurement,
                   (streamed.reference_file, streamed.dense_nll))
 
@@ -281,14 +280,12 @@ def _share_streamed_relearning(loaded, spec, rank_plan, method, calibration, pro
                       lambda: progress.advance(stage))
 
 
-def _measure(artifact: OnnxArtifact, profile, prompts, threads: int, staging: Path, progress) -> Measurement:
+def _measure(artifact: OnnxArtifact, profile, prompts, threads: int, progress) -> Measurement:
     """Latency and peak memory of the shipped graph in a fresh process, and the reference outputs a device's
     kernels must reproduce (bench_on_device)."""
     stage = progress.add_task("measuring latency and peak memory", total=None)
     measurement = measure_session(artifact.model_file, "CPUExecutionProvider", threads, profile.prefill_tokens,
-                                  profile.context_length)
-    write_reference(artifact.model_file, staging, prompts[0][0].tolist(), profile.prefill_tokens,
-                    profile.context_length, threads)
+                                  profile.context_length, prompts[0][0].tolist())
     progress.update(stage, total=1, completed=1)
     return measurement
 

@@ -26,8 +26,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from exporter.contracts import ModelSpec, Quality
 from exporter.export import save_variant, write_decoder
 from exporter.graph import GraphOptions, all_positions
-from exporter.measure import feed, kv_layout, session
+from exporter.measure import feed, kv_layout
 from exporter.quantize import quantize_model
+from exporter.segments import SegmentedGraph
 from exporter.tasks import Task
 
 HELDOUT_TOKENS = 2048
@@ -82,20 +83,17 @@ def measure_quality(
     tokens); `dense_nll` is the dense fp32 model's summed negative log-likelihood of the same tokens
     (`torch_nll`, or a streamed export's own).
 
-    One graph is in memory at a time (each holds the int4 model, and onnxruntime a prepacked copy of it): the
-    reference's log-probabilities wait in a temporary file (float32; 1.2 GB at 2048 tokens of a 150k vocabulary)
-    until the shipped graph's are compared with them."""
-    scores = _Scores()
+    Each graph runs a few blocks at a time (exporter.segments: one segment in memory at a time, whatever the
+    model's depth), and the two one after the other: the reference's log-probabilities wait in a temporary file
+    (float32; 1.2 GB at 2048 tokens of a 150k vocabulary) until the shipped graph's are compared with them."""
+    scores, windows = _Scores(), heldout_windows(ids, window)
     with tempfile.TemporaryFile() as kept:
-        reference = session(reference_file, "CPUExecutionProvider", threads)
-        for _, logits, targets in window_logits(reference, ids, window):
+        for logits, targets in _scored(reference_file, windows, threads):
             for rows, log_r in log_softmax_rows(logits):
                 scores.reference_nll -= float(log_r[np.arange(len(targets[rows])), targets[rows]].sum())
                 kept.write(log_r.astype(np.float32).tobytes())
-        del reference
         kept.seek(0)
-        shipped = session(shipped_file, "CPUExecutionProvider", threads)
-        for _, logits, targets in window_logits(shipped, ids, window):
+        for logits, targets in _scored(shipped_file, windows, threads):
             for rows, log_p in log_softmax_rows(logits):
                 log_r = np.frombuffer(kept.read(log_p.size * 4), dtype=np.float32).reshape(log_p.shape)
                 scores.nll -= float(log_p[np.arange(len(targets[rows])), targets[rows]].sum())
@@ -112,6 +110,14 @@ def measure_quality(
         top1_vs_reference=round(scores.same / count, 4), kl_vs_reference=round(scores.kl / count, 5),
         max_ratio=max_ratio, passed=ratio <= max_ratio,
     )
+
+
+def _scored(graph_file: str, windows: list[list[int]], threads: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(logits, the tokens they predict) for every position of each window but its last, a few at a time."""
+    graph = SegmentedGraph(graph_file, "CPUExecutionProvider", threads)
+    for index, first, logits in graph.logits(windows):
+        targets = np.array(windows[index][first + 1:first + len(logits) + 1])
+        yield logits[:len(targets)], targets
 
 
 def heldout_windows(ids: list[int], window: int) -> list[list[int]]:
@@ -150,12 +156,6 @@ def window_logits(sess: ort.InferenceSession, ids: list[int], window: int,
             seen += chunk.shape[1]
             targets = np.array(piece[first + 1:first + CHUNK + 1])
             yield start + first, logits[0, :len(targets)], targets
-
-
-def all_logits(sess: ort.InferenceSession, ids: list[int], layout=None) -> np.ndarray:
-    """Every position's logits (positions, vocab) of `ids` from an all-positions graph, with an empty cache."""
-    layout = layout or kv_layout(sess)
-    return sess.run(["logits"], feed(np.array([ids], dtype=np.int64), layout.empty(), 0))[0][0]
 
 
 def log_softmax_rows(logits: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:

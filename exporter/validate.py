@@ -31,7 +31,7 @@ from exporter.contracts import DeviceProfile, Measurement, OnnxArtifact, ParityR
 from exporter.evaluate import top1_agreement
 from exporter.generate import Decoder, OnnxDecoder, TorchDecoder, generate
 from exporter.measure import common_prefix, session
-from exporter.quality import all_logits
+from exporter.segments import SegmentedGraph
 
 RELATIVE_TOLERANCE = 1e-4
 GREEDY_STEPS = 32
@@ -164,13 +164,16 @@ def _on_providers(providers: list[str], missing: list[str],
 def check_positions(graph_file: str, label: str, prompts: list[torch.Tensor], provider: str, threads: int,
                     references: list[np.ndarray], gated: bool = True) -> ParityResult | None:
     """Every position's logits of each prompt from an all-positions graph against `references`; None when the
-    provider silently fell back to CPU."""
-    sess = session(graph_file, provider, threads)
-    if sess.get_providers()[0] != provider:
+    provider silently fell back to CPU. The graph runs a few blocks at a time (exporter.segments)."""
+    graph = SegmentedGraph(graph_file, provider, threads)
+    pieces: list[list[np.ndarray]] = [[] for _ in prompts]
+    for index, _, logits in graph.logits([ids[0].tolist() for ids in prompts]):
+        pieces[index].append(logits)
+    if graph.fell_back:
         return None
     max_diff, tolerance, same, positions = 0.0, 0.0, 0, 0
-    for ids, reference in zip(prompts, references, strict=True):
-        logits = all_logits(sess, ids[0].tolist())
+    for piece, reference in zip(pieces, references, strict=True):
+        logits = np.concatenate(piece)
         max_diff = max(max_diff, float(np.abs(logits - reference).max()))
         tolerance = max(tolerance, RELATIVE_TOLERANCE * float(np.abs(reference).max()))
         same += int((logits.argmax(-1) == reference.argmax(-1)).sum())
@@ -181,10 +184,13 @@ def check_positions(graph_file: str, label: str, prompts: list[torch.Tensor], pr
                         gated=gated)
 
 
-def measure_session(model_file: str, provider: str, threads: int, prefill_tokens: int, context: int) -> Measurement:
-    """Latency and peak memory of one graph, measured in a fresh process."""
+def measure_session(model_file: str, provider: str, threads: int, prefill_tokens: int, context: int,
+                    reference_prompt: list[int] | None = None) -> Measurement:
+    """Latency and peak memory of one graph, measured in a fresh process; with `reference_prompt`, that process
+    also stores the greedy tokens a device must reproduce beside the graph (exporter.measure.write_reference)."""
+    prompt = [] if reference_prompt is None else ["--reference-prompt", ",".join(map(str, reference_prompt))]
     return Measurement(**run_measure([model_file, "--provider", provider, "--threads", str(threads),
-                                      "--prefill-tokens", str(prefill_tokens), "--context", str(context)]))
+                                      "--prefill-tokens", str(prefill_tokens), "--context", str(context), *prompt]))
 
 
 def run_measure(args: list[str]) -> dict:

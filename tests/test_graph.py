@@ -20,6 +20,7 @@ from exporter.graph import GraphOptions, all_positions, build_decoder, node_coun
 from exporter.measure import SharedCache, session
 from exporter.models import describe, normalize_
 from exporter.quantize import apply_, quantize_model
+from exporter.segments import SegmentedGraph, segment_ranges
 from exporter.select import get_method
 from exporter.validate import greedy_trace
 from exporter.vocabulary import prune_vocabulary_
@@ -126,6 +127,36 @@ def test_all_positions_variant_scores_every_token(tmp_path):
         expected = model(ids).logits[0].numpy()
     assert logits.shape == expected.shape
     np.testing.assert_allclose(logits, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text"])
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_a_graph_run_a_block_at_a_time_gives_the_whole_graphs_logits(tmp_path, family, precision):
+    model = normalize_(build_tiny(family))
+    factorized(model, every=3)
+    spec = describe(model)
+    quantized = quantize_model(model) if precision == "int4" else None
+    options = GraphOptions(256, "int8", "fp16") if quantized else GraphOptions(256)
+    proto = build_decoder(model, spec, options, quantized)
+    save(proto, tmp_path / "m.onnx")
+    save_variant(all_positions(proto), tmp_path / "all.onnx")
+    whole = session(str(tmp_path / "all.onnx"), "CPUExecutionProvider", 1)
+    torch.manual_seed(2)
+    sequences = [prompt()[0].tolist(), torch.randint(2, 300, (250,)).tolist()]  # 250: two runs of the head
+    expected = [whole.run(["logits"], {"input_ids": np.array([ids]), "attention_mask": np.ones((1, len(ids)), np.int64),
+                                       **{i.name: np.zeros((1, spec.num_kv_heads, 0, spec.head_dim),
+                                                           np.float16 if quantized else np.float32)
+                                          for i in whole.get_inputs()[2:]}})[0][0] for ids in sequences]
+    graph = SegmentedGraph(str(tmp_path / "all.onnx"), "CPUExecutionProvider", 1, max_bytes=1)
+    assert len(graph.ranges) == spec.num_layers + 1  # a block a segment, and the head
+    assert len(segment_ranges(proto)) == 2  # the blocks fit one segment, then the head
+    got: list[list[np.ndarray]] = [[], []]
+    for index, first, logits in graph.logits(sequences):
+        assert first == sum(len(piece) for piece in got[index])
+        got[index].append(logits)
+    for pieces, logits in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(np.concatenate(pieces), logits)  # the same kernels on the same inputs
+    assert not graph.fell_back
 
 
 def test_tied_int4_table_is_stored_once(tmp_path):
