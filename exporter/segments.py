@@ -1,7 +1,7 @@
 """Running an all-positions graph a few blocks at a time, so validating a model holds a few of its blocks in
 onnxruntime, not the whole model.
 
-A session holds all of a graph's weights, prepacked (about 1.3x the int4 data file): scoring a 7B model's graphs
+A session holds all of a graph's weights, prepacked (about 1.4x the int4 data file): scoring a 7B model's graphs
 whole held 4-5 GB beside the exporter, whatever the export itself needed. Here the graph is cut where its blocks
 begin (`graph.stage_starts`) into segments of about `SEGMENT_BYTES` of stored weights each, and the head (final
 norm to logits). A segment reads its weights from the graph's own data file (nothing is copied), runs once over
