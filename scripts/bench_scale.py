@@ -4,7 +4,8 @@ Synthetic Llama-shaped checkpoints (random weights, safetensors in bf16 as publi
 tokenizer) with the widths and vocabularies of real models and a few decoder blocks each; every one is
 exported by the real command in a fresh process (`edgeslim export`, int4, a budget it fits dense, so every stage
 runs: load, activations, GPTQ, graph, parity, measurement, held-out quality) and its peak resident memory (the
-process and its helpers, wait4's ru_maxrss) and wall time are recorded next to what the pipeline's memory model
+largest of the process and its helpers, wait4's ru_maxrss: not their sum, and the process measuring the shipped
+graph runs beside the exporter) and wall time are recorded next to what the pipeline's memory model
 (exporter.footprint) predicts. One shape is also run at twice the blocks, to show how the peak grows per block;
 `--layers 24 --shapes qwen2-0.5b` runs that shape at its real depth, where the statistics outweigh the weights.
 
@@ -80,7 +81,7 @@ def main() -> None:
              f"export {'a block at a time (--layer-streaming)' if args.streaming else 'in memory (--in-memory)'}; "
              "fp32 GB: of what the export holds (streamed: the largest block and the tables outside the blocks); "
              "statistics GB: the rest of the model's prediction (Gram matrices; streamed: one block's and the "
-             "calibration states, or the int4 model validation holds where that is more)",
+             "calibration states, or the whole int4 model in the measuring process where that is more)",
              "", "| shape | blocks | parameters | fp32 GB | statistics GB | peak GB (measured) | peak GB (model) | "
              "export s (measured) | export s (model) | work TFLOP |", "|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
