@@ -23,7 +23,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from exporter.graph import FINAL_NORM, stage_starts
-from exporter.measure import session
+from exporter.measure import feed, session
 
 SEGMENT_BYTES = 256 * 2**20
 HEAD_ROWS = 128
@@ -82,48 +82,46 @@ class SegmentedGraph:
         self.ranges = segment_ranges(self.graph, max_bytes)
         self.types = element_types(self.graph)
         self.fell_back = False  # a session onnxruntime silently ran on another provider
+        self.empty_past = {}  # past_key_values.N.key|value, no positions: (batch, kv heads, 0, head dim)
+        for value in self.graph.graph.input[2:]:
+            dims = value.type.tensor_type.shape.dim
+            dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+            self.empty_past[value.name] = np.zeros((1, dims[1].dim_value, 0, dims[3].dim_value), dtype=dtype)
 
     def logits(self, sequences: list[list[int]]) -> Iterator[tuple[int, int, np.ndarray]]:
         """(sequence index, first position, logits (positions, vocab)) for every position of every sequence,
         `HEAD_ROWS` positions at a time, in order."""
         if not sequences:
             return
-        carried = [self._graph_feeds(ids) for ids in sequences]  # what the segments still to run read
+        # per sequence, what the segments still to run read: first the graph's own inputs
+        carried = [feed(np.array([ids], dtype=np.int64), self.empty_past, 0) for ids in sequences]
         for start, end in self.ranges[:-1]:
-            sess = self._session(start, end)
-            wanted, later = [output.name for output in sess.get_outputs()], self._read_from(end)
+            later = self._read_from(end)
+            sess = self._session(start, end, later)
+            wanted = [output.name for output in sess.get_outputs()]
             for index, held in enumerate(carried):
                 outputs = sess.run(wanted, {i.name: held[i.name] for i in sess.get_inputs()})
                 made = {name: value.copy() for name, value in zip(wanted, outputs, strict=True)}  # not views: they
                 # would keep the session's memory after it is gone
                 carried[index] = {name: value for name, value in {**held, **made}.items() if name in later}
             del sess
-        head = self._session(*self.ranges[-1])
+        head = self._session(*self.ranges[-1], set())
         for index, ids in enumerate(sequences):
             for first in range(0, len(ids), HEAD_ROWS):  # (batch, positions, hidden) inputs, a slice of positions
                 feeds = {i.name: carried[index][i.name][:, first:first + HEAD_ROWS] for i in head.get_inputs()}
                 yield index, first, head.run([LOGITS], feeds)[0][0]
             carried[index] = {}
 
-    def _graph_feeds(self, ids: list[int]) -> dict[str, np.ndarray]:
-        """The graph's own inputs for one sequence: its tokens, a mask of ones, empty past tensors."""
-        feeds = {"input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
-        for value in self.graph.graph.input[2:]:  # past_key_values.N.key|value: (batch, kv heads, 0, head dim)
-            dims = value.type.tensor_type.shape.dim
-            dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-            feeds[value.name] = np.zeros((1, dims[1].dim_value, 0, dims[3].dim_value), dtype=dtype)
-        return feeds
-
     def _read_from(self, start: int) -> set[str]:
         """The tensors nodes from `start` on read."""
         return {name for node in self.graph.graph.node[start:] for name in node.input if name}
 
-    def _session(self, start: int, end: int) -> ort.InferenceSession:
-        """A session of nodes [start, end): its inputs what they read from before, its outputs what later nodes
-        read (or the logits)."""
+    def _session(self, start: int, end: int, later: set[str]) -> ort.InferenceSession:
+        """A session of nodes [start, end): its inputs what they read from before, its outputs what `later`
+        nodes read (or the logits)."""
         graph, nodes = self.graph.graph, self.graph.graph.node[start:end]
         made = {name for node in nodes for name in node.output if name}
-        later = self._read_from(end) | {LOGITS}
+        later = later | {LOGITS}
         initializers = {init.name: init for init in graph.initializer}
         read = [name for name in dict.fromkeys(i for node in nodes for i in node.input if i) if name not in made]
         inputs = [helper.make_tensor_value_info(name, self.types[name], None) for name in read
