@@ -162,9 +162,10 @@ def plan(as_json, **options):
                    f"({rank_plan.allocation}{estimate})")
     click.echo(f"predicted{computes}: weights {p.weights_bytes / MIB:.1f} MiB, memory {p.memory_bytes / MIB:.1f} "
                f"MiB, decode {p.decode_ms_per_token:.1f} ms/token, prefill {p.prefill_ms:.0f} ms")
-    for note in plan_notes(load_profile(options["device"])):
+    profile = load_profile(options["device"])
+    for note in plan_notes(profile):
         click.echo(f"note: {note}")
-    needed = export_footprint(loaded.model)
+    needed = export_footprint(loaded.model, profile.memory_budget_mib * MIB)
     relearning = ""
     if get_method(options["method"]).needs == "blocks":  # relearning a block at a time: streamed only
         peak = needed.streamed_peak_bytes + needed.relearning_bytes

@@ -47,7 +47,10 @@ SKIP_CHECK = "EDGESLIM_SKIP_MEMORY_CHECK"
 # not a term of its own: the fit over five widths absorbs it). Fitted to scripts/bench_scale.py --streaming
 # (scripts/results/bench_scale_streamed_session12.md). Validation runs its graphs a few blocks at a time
 # (exporter.segments), within that; but measuring the shipped graph's own latency and memory runs it whole, in a
-# process of its own, beside the exporter's: what the model needs to run, which the device's budget bounds.
+# process of its own, beside the exporter's: what the model needs to run. That process's growth is the device
+# memory the check measures, so the device's budget bounds it (a plan is made to fit the budget; a measurement
+# over it is planned again tighter, or fails the run): however deep the model, the host needs the block term or
+# the budget plus a base, whichever is more.
 STREAM_BASE_BYTES = 0.64e9
 STREAM_COPIES = 0.90  # peak bytes per fp32 byte of the largest block and the tables outside the blocks
 MEASURING_BASE_BYTES = 0.77e9  # the exporter while the shipped graph is measured, and the measuring interpreter
@@ -76,8 +79,9 @@ class Footprint:
     relearning_seconds: float  # and to its time
 
 
-def export_footprint(model: nn.Module) -> Footprint:
-    """What `edgeslim export` of `model` (its weights may be on the meta device) will need here, at int4."""
+def export_footprint(model: nn.Module, memory_budget_bytes: float = float("inf")) -> Footprint:
+    """What `edgeslim export` of `model` (its weights may be on the meta device) will need here, at int4, for a
+    device whose memory budget is `memory_budget_bytes` (the shipped model, running, holds at most that)."""
     parameters = _count(model)  # tied weights counted once
     shapes = dict(_projections(model))
     gram_entries = _gram_entries(shapes)
@@ -96,7 +100,8 @@ def export_footprint(model: nn.Module) -> Footprint:
     streamed = max(STREAM_BASE_BYTES + STREAM_COPIES * 4 * held
                    + GRAM_BYTES * _gram_entries(dict(_projections(block)))
                    + 4 * CALIBRATION_TOKENS * model.config.hidden_size,  # a block at a time
-                   MEASURING_BASE_BYTES + RUNTIME_BYTES_PER_PARAMETER * parameters)  # the int4 model, running
+                   MEASURING_BASE_BYTES + min(RUNTIME_BYTES_PER_PARAMETER * parameters,
+                                              memory_budget_bytes))  # the shipped model, running
     return Footprint(parameters=parameters, gram_bytes=gram_bytes, work_flops=work,
                      peak_bytes=BASE_BYTES + FP32_COPIES * 4 * parameters + gram_bytes,
                      seconds=BASE_SECONDS + SECONDS_PER_TFLOP * work / 1e12, streamed_peak_bytes=streamed,
@@ -133,25 +138,26 @@ def _projections(model: nn.Module):
             yield name, tuple(module.weight.shape)
 
 
-def checkpoint_footprint(folder: Path, trust_remote_code: bool = False) -> Footprint:
+def checkpoint_footprint(folder: Path, trust_remote_code: bool = False,
+                         memory_budget_bytes: float = float("inf")) -> Footprint:
     """The footprint of a Hugging Face model folder, from its config alone (nothing is loaded)."""
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return export_footprint(model)
+    return export_footprint(model, memory_budget_bytes)
 
 
-def choose_streaming(folder: Path, source: str, trust_remote_code: bool = False,
-                     requested: bool | None = None, relearning: bool = False) -> tuple[bool, str | None]:
+def choose_streaming(folder: Path, source: str, trust_remote_code: bool = False, requested: bool | None = None,
+                     relearning: bool = False, memory_budget_bytes: float = float("inf")) -> tuple[bool, str | None]:
     """(whether to export a block at a time, a line saying why when it was not asked for), refusing, before
     anything is loaded, an export that would not fit this machine's available memory either way. `requested`:
     None lets the memory decide (in memory when it fits: one pass, and vocabulary pruning needs the whole model).
     `relearning`: the method relearns a block at a time (basel-layerwise), which streams and holds the block's
-    bases too."""
+    bases too. `memory_budget_bytes`: the device's, which bounds the shipped model measured running."""
     available = available_bytes()
     if os.environ.get(SKIP_CHECK) == "1" or available is None:
         return bool(requested), None
-    needed = checkpoint_footprint(folder, trust_remote_code)
+    needed = checkpoint_footprint(folder, trust_remote_code, memory_budget_bytes)
     if relearning:
         needed = replace(needed, streamed_peak_bytes=needed.streamed_peak_bytes + needed.relearning_bytes)
     if requested is None and needed.peak_bytes <= available:

@@ -28,6 +28,7 @@ from exporter.calibration import Calibration, calibration_batches
 from exporter.collect import cached_activation_stats
 from exporter.contracts import (
     MIB,
+    DeviceProfile,
     Evaluation,
     LayerPlan,
     LayerResult,
@@ -116,7 +117,7 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
     task, method, evaluation_tasks = _check_choices(config)
     torch.manual_seed(config.seed)
 
-    streamed = _streamed(config, method, console)
+    streamed = _streamed(config, profile, method, console)
     with _progress(console) as progress, RssSampler() as rss:
         stage = progress.add_task("loading model" + (" (layer streaming)" if streamed else ""), total=None)
         loaded = load_model(config.model, allow_pickle=config.allow_pickle,
@@ -290,7 +291,7 @@ def _measure(artifact: OnnxArtifact, profile, prompts, threads: int, progress) -
     return measurement
 
 
-def _streamed(config: RunConfig, method: SelectionMethod, console: Console) -> bool:
+def _streamed(config: RunConfig, profile: DeviceProfile, method: SelectionMethod, console: Console) -> bool:
     """Whether to export a block at a time: asked for, or (unasked) when only that fits this machine; what it
     cannot do is refused here, before anything is loaded."""
     folder = Path(config.model or "").expanduser()
@@ -303,7 +304,8 @@ def _streamed(config: RunConfig, method: SelectionMethod, console: Console) -> b
         console.print(f"--method {method.name}: exporting a block at a time")
     streamed = bool(requested)
     if config.model and (folder / "config.json").is_file():
-        streamed, note = choose_streaming(folder, config.model, config.trust_remote_code, requested, relearning)
+        streamed, note = choose_streaming(folder, config.model, config.trust_remote_code, requested, relearning,
+                                          profile.memory_budget_mib * MIB)
         if note:
             console.print(note)
     if streamed and method.needs not in ("nothing", "activations", "blocks"):
@@ -438,7 +440,7 @@ def plan_only(config: RunConfig, console: Console | None = None) -> tuple[Loaded
     console = console or Console(stderr=True)
     profile = load_profile(config.device)
     task, method, _ = _check_choices(config)
-    streamed = _streamed(config, method, console)
+    streamed = _streamed(config, profile, method, console)
     with _progress(console) as progress:
         loaded = load_model(config.model, allow_pickle=config.allow_pickle,
                             trust_remote_code=config.trust_remote_code, streamed=streamed)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from test_pipeline import write_profile
+from transformers import LlamaForCausalLM
 
 from exporter import footprint
+from exporter.contracts import MIB
 from exporter.errors import UsageError
 from exporter.pipeline import RunConfig, run
+from exporter.synthetic import SHAPES, llama_config
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"], indirect=True)
@@ -49,3 +53,21 @@ def test_a_model_that_fits_only_a_block_at_a_time_is_streamed(tiny_model_dir, mo
         footprint.choose_streaming(tiny_model_dir, "m", requested=False)
     monkeypatch.setattr(footprint, "available_bytes", lambda: int(needed.peak_bytes + 1))
     assert footprint.choose_streaming(tiny_model_dir, "m") == (False, None)  # one pass, every option
+
+
+def test_a_streamed_export_needs_no_more_memory_for_more_blocks_on_a_device_budget():
+    """A block at a time, what grows with depth is only the shipped model measured running, in its own process;
+    that is the device memory the check measures, so the device's budget bounds it: on a 1.5 GiB budget a
+    Llama-2-7B-shaped export needs the same at 32 blocks as at 64, and less than with no budget."""
+    hidden, intermediate, heads, kv_heads, vocab, tied, layers = SHAPES["llama-2-7b"]
+
+    def needed(blocks: int, budget: float = float("inf")) -> float:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(llama_config(hidden, intermediate, heads, kv_heads, vocab, tied, blocks))
+        return footprint.export_footprint(model, budget).streamed_peak_bytes
+
+    budget = 1536 * MIB
+    assert needed(layers, budget) == needed(2 * layers, budget) < needed(layers)
+    assert needed(layers) == pytest.approx(footprint.MEASURING_BASE_BYTES
+                                           + footprint.RUNTIME_BYTES_PER_PARAMETER * 6.74e9, rel=0.01)
+    assert needed(2 * layers) > needed(layers)  # no budget: the whole model runs
