@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-FORMAT = "v2"  # bump when what a key's computation returns changes
+FORMAT = "v3"  # bump when what a key's computation returns changes
 ALIAS = "@"  # flatten: "layer/@owner" means layer shares owner's statistics
 
 

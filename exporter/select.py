@@ -124,15 +124,31 @@ def single_thread() -> Iterator[None]:
 def svd(
     weight: torch.Tensor, layer: str = "", cache: TensorCache | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U, s, V^T of W in float64 (fp32 SVD loses the small singular values that truncation compares)."""
+    """U, s, V^T of W (thin), in float64: fp32 loses the small singular values that truncation compares.
+
+    Computed from the eigendecomposition of the smaller Gram matrix (W W^T or W^T W), not by LAPACK's SVD: at a
+    7B model's widths (4096 x 11008) that is 5x faster (48 s against 246 on one core, beside another export) and
+    needs no LAPACK workspace beside the result, and a factorizing plan decomposes every planned layer twice
+    (pricing, then selection). Squaring
+    costs accuracy only far down the spectrum: a singular value s_i is exact to about 1e-16 (s_1 / s_i)^2
+    relative, 1e-10 a thousand times below the largest, far finer than any truncation decision."""
 
     def compute() -> dict[str, torch.Tensor]:
-        try:
-            u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+        w = weight.detach().double()
+        wide = w.shape[0] <= w.shape[1]
+        try:  # the eigenvectors of the smaller Gram matrix are U (W W^T, wide W) or V (W^T W, tall W)
+            eigenvalues, vectors = torch.linalg.eigh(w @ w.T if wide else w.T @ w)
         except RuntimeError as exc:  # LinAlgError subclasses RuntimeError
             raise NumericalError(f"SVD of {layer or 'a layer'} failed: {str(exc).splitlines()[0]}") from None
+        s = eigenvalues.flip(0).clamp_min(0).sqrt()
         if not torch.isfinite(s).all():
             raise NumericalError(f"SVD of {layer or 'a layer'} produced non-finite singular values; check the weights")
+        vectors = vectors.flip(1)  # descending, as LAPACK orders them
+        nonzero = torch.where(s > 0, s, 1.0)
+        if wide:
+            u, vh = vectors.contiguous(), (vectors.T @ w).div_(nonzero[:, None])  # diag(s) V^T = U^T W
+        else:
+            u, vh = (w @ vectors).div_(nonzero), vectors.T.contiguous()  # U diag(s) = W V
         return {"u": u, "s": s, "vh": vh}
 
     result = (cache or TensorCache(None)).get_or_compute(tensor_key("svd", weight), compute)
