@@ -35,6 +35,8 @@ from exporter.quantize import round_to_nearest
 from exporter.select import single_thread, svd
 from exporter.stream import Head, embed, through
 
+BAND_ENTRIES = 1 << 22  # entries of a band of rows priced at once (32 MB in float64)
+
 
 def output_fisher(model: nn.Module, calibration: Calibration, names: list[str],
                   advance: Callable[[], None] = lambda: None) -> dict[str, torch.Tensor]:
@@ -160,9 +162,8 @@ def layer_costs(weight: torch.Tensor, gram: torch.Tensor, fisher: torch.Tensor, 
     """Estimated loss increase per token of this layer at each rank in `ranks`, against the layer left dense at
     `precision` (see the module docstring)."""
     weight = weight.detach()
-    w = weight.double()
     lower = whitening(gram, layer)
-    u, s, vh = svd(w @ lower, layer, cache)
+    u, s, vh = svd(weight.double() @ lower, layer, cache)
     per_basis = 0.5 * s.square() * (fisher[:, None] * u.square()).sum(0)  # cost of dropping each basis
     dropped = per_basis.flip(0).cumsum(0).flip(0)  # dropped[r] = cost of dropping bases r, r+1, ...
     total = float(per_basis.sum())
@@ -170,16 +171,29 @@ def layer_costs(weight: torch.Tensor, gram: torch.Tensor, fisher: torch.Tensor, 
     if precision == "fp32" or not ranks:
         return costs
     scale = fisher.sqrt()[:, None]
+    band_rows = max(1, BAND_ENTRIES // weight.shape[1])
 
-    def rounding_cost(exact: torch.Tensor, rounded: torch.Tensor) -> float:
-        return 0.5 * float((scale * ((exact - rounded) @ lower)).square().sum())
+    def rounding_cost(exact: Callable[[slice], torch.Tensor], rounded: Callable[[slice], torch.Tensor]) -> float:
+        """½ ||√F (exact - rounded) L||², a band of rows at a time: at a 7B model's widths each whole matrix is
+        0.36 GB in float64, and pricing whole ones held five of them beside L."""
+        cost = 0.0
+        for start in range(0, weight.shape[0], band_rows):
+            band = slice(start, start + band_rows)
+            cost += float((scale[band] * ((exact(band) - rounded(band)) @ lower)).square().sum())
+        return 0.5 * cost
 
-    dense_cost = rounding_cost(w, round_to_nearest(weight).dequantize().double())
+    def rows(matrix: torch.Tensor) -> Callable[[slice], torch.Tensor]:
+        return lambda band: matrix[band].double()
+
+    def product_rows(left: torch.Tensor, right: torch.Tensor) -> Callable[[slice], torch.Tensor]:
+        return lambda band: left[band].double() @ right  # right: float64
+
+    dense_cost = rounding_cost(rows(weight), rows(round_to_nearest(weight).dequantize()))
     r0 = ranks[len(ranks) // 2]
     first = torch.linalg.solve_triangular(lower, s[:r0, None] * vh[:r0], upper=False, left=False)
     second = u[:, :r0]
-    rounded = round_to_nearest(second).dequantize().double() @ round_to_nearest(first).dequantize().double()
-    factor_cost = rounding_cost(second @ first, rounded)
+    factor_cost = rounding_cost(product_rows(second, first), product_rows(round_to_nearest(second).dequantize(),
+                                                                          round_to_nearest(first).dequantize().double()))
     kept_r0 = max(total - float(dropped[r0]), 1e-30)
     for r in ranks:
         kept = total - float(dropped[r])
