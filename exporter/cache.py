@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,9 @@ from safetensors.torch import load_file, save_file
 
 FORMAT = "v3"  # bump when what a key's computation returns changes
 ALIAS = "@"  # flatten: "layer/@owner" means layer shares owner's statistics
+# Free disk an entry may not eat into: the export's own files come after the cache's (a Llama-2-7B export writes
+# about 12 GB of graph data), and a factorizing plan at 7B width would cache about 2.5 GB of bases a block.
+RESERVE_BYTES = 16 << 30
 
 
 class TensorCache:
@@ -30,6 +34,7 @@ class TensorCache:
         self.folder = folder
         self.hits = 0
         self.misses = 0
+        self.skipped = 0  # entries not written: the disk would have kept less than RESERVE_BYTES free
 
     def get_or_compute(self, key: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         if self.folder is None:
@@ -45,6 +50,10 @@ class TensorCache:
         result = compute()
         self.misses += 1
         self.folder.mkdir(parents=True, exist_ok=True)
+        size = sum(v.numel() * v.element_size() for v in result.values())
+        if shutil.disk_usage(self.folder).free - size < RESERVE_BYTES:
+            self.skipped += 1  # the run goes on uncached rather than fill the disk its export needs
+            return result
         handle, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.folder)
         os.close(handle)
         try:

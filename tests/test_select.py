@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -70,9 +72,11 @@ def test_unknown_method_lists_the_known_ones():
         get_method("nope")
 
 
-def test_svd_cache_resumes_and_can_be_disabled(tmp_path, weight):
+def test_svd_cache_resumes_and_can_be_disabled(tmp_path, weight, monkeypatch):
+    from exporter import cache as cache_module
     from exporter.cache import TensorCache
 
+    monkeypatch.setattr(cache_module, "RESERVE_BYTES", 0)  # whatever this disk has free
     cache = TensorCache(tmp_path)
     first = get_method("svd", cache).select(weight, None, None, 8)
     again = get_method("svd", cache).select(weight, None, None, 8)
@@ -85,6 +89,17 @@ def test_svd_cache_resumes_and_can_be_disabled(tmp_path, weight):
     disabled = TensorCache(None)
     get_method("svd", disabled).select(weight, None, None, 8)
     assert disabled.hits == disabled.misses == 0
+
+
+def test_cache_entries_that_would_leave_the_disk_too_full_are_not_written(tmp_path, weight, monkeypatch):
+    from exporter import cache as cache_module
+
+    free = shutil.disk_usage(tmp_path).free
+    monkeypatch.setattr(cache_module, "RESERVE_BYTES", free)  # any entry would leave less than that free
+    cache = cache_module.TensorCache(tmp_path)
+    factors = get_method("svd", cache).select(weight, None, None, 8)
+    assert factors.first.shape == (8, weight.shape[1]) and cache.skipped == 1
+    assert not list(tmp_path.iterdir())  # nothing written, not even a temporary file
 
 
 @pytest.mark.parametrize("shape", [(24, 56), (56, 24)])  # wide and tall: the Gram matrix of the shorter side
