@@ -128,10 +128,10 @@ def svd(
 
     Computed from the eigendecomposition of the smaller Gram matrix (W W^T or W^T W), not by LAPACK's SVD: at a
     7B model's widths (4096 x 11008) that is 5x faster (48 s against 246 on one core, beside another export) and
-    needs no LAPACK workspace beside the result, and a factorizing plan decomposes every planned layer twice
-    (pricing, then selection). Squaring
-    costs accuracy only far down the spectrum: a singular value s_i is exact to about 1e-16 (s_1 / s_i)^2
-    relative, 1e-10 a thousand times below the largest, far finer than any truncation decision."""
+    needs no LAPACK workspace beside the result, and a factorizing plan decomposes each planned layer up to three
+    times (its price, its spectrum, its selection; once with the cache). Squaring costs accuracy only far down the
+    spectrum: a singular value s_i is exact to about 1e-16 (s_1 / s_i)^2 relative, 1e-10 a thousand times below
+    the largest, far finer than any truncation decision."""
 
     def compute() -> dict[str, torch.Tensor]:
         w = weight.detach().double()
