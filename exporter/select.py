@@ -143,10 +143,10 @@ def svd(
         s = eigenvalues.flip(0).clamp_min(0).sqrt()
         if not torch.isfinite(s).all():
             raise NumericalError(f"SVD of {layer or 'a layer'} produced non-finite singular values; check the weights")
-        vectors = vectors.flip(1)  # descending, as LAPACK orders them
+        vectors = vectors.flip(1)  # descending, as LAPACK orders them (flip copies: contiguous)
         nonzero = torch.where(s > 0, s, 1.0)
         if wide:
-            u, vh = vectors.contiguous(), (vectors.T @ w).div_(nonzero[:, None])  # diag(s) V^T = U^T W
+            u, vh = vectors, (vectors.T @ w).div_(nonzero[:, None])  # diag(s) V^T = U^T W
         else:
             u, vh = (w @ vectors).div_(nonzero), vectors.T.contiguous()  # U diag(s) = W V
         return {"u": u, "s": s, "vh": vh}
