@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import torch
 
+from exporter.cache import TensorCache
 from exporter.collect import activation_stats, gradient_passes
 from exporter.errors import NumericalError
-from exporter.select import Factors, SelectionMethod, register, svd
+from exporter.select import BAND_ENTRIES, Factors, SelectionMethod, divisor, eigen_decomposition, register, svd
 
 ASVD_ALPHA = 0.5
 EPSILON = 1e-6
@@ -66,21 +67,58 @@ def whitening(gram: torch.Tensor, layer: str = "") -> torch.Tensor:
                          "use more or more varied calibration data")
 
 
+def whitened_svd(weight: torch.Tensor, gram: torch.Tensor, layer: str = "",
+                 cache: TensorCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """U and s (float64) of the whitened matrix W L = U diag(s) V^T, L L^T = gram: the bases SVD-LLM, the
+    whitened importance methods and the layer prices share. U and s are all anyone needs: since U^T W L =
+    diag(s) V^T, the first factor diag(s) V^T L^-1 of any kept set of bases is just U^T W.
+
+    A wide or square W (d_out <= d_in, every projection but the MLP's up-projections) is decomposed through the
+    d_out x d_out matrix W gram W^T = (W L)(W L)^T, so no d_in x d_in float64 matrix is ever formed: at Llama-2-7B's
+    down_proj (d_in 11008) the Cholesky factor alone was 0.97 GB, W L and V^T 0.36 GB each. Needing no Cholesky,
+    it also needs no jitter for a singular gram. A tall W has the smaller side on its input: L is small there."""
+
+    def compute() -> dict[str, torch.Tensor]:
+        if weight.shape[0] > weight.shape[1]:
+            u, s, _ = svd(weight.detach().double() @ whitening(gram, layer), layer)
+            return {"u": u, "s": s}
+        return eigen_decomposition(_sandwich(weight.detach(), gram), layer)
+
+    result = (cache or TensorCache(None)).get_or_compute(("whitened", weight, gram), compute)
+    return result["u"], result["s"]
+
+
+def whitened_bases(weight: torch.Tensor, gram: torch.Tensor, layer: str = "",
+                   cache: TensorCache | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U, s and the rows V^T L^-1 = diag(1/s) U^T W (float64): W = U diag(s) (V^T L^-1), basis by basis."""
+    u, s = whitened_svd(weight, gram, layer, cache)
+    return u, s, (u.T @ weight.detach().double()).div_(divisor(s)[:, None])
+
+
+def _sandwich(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """W gram W^T in float64, a band of the gram's rows at a time (the gram stays in its float32)."""
+    transposed = weight.T.double()  # d_in x d_out
+    product = torch.zeros(weight.shape[0], weight.shape[0], dtype=torch.float64)
+    band = max(1, BAND_ENTRIES // gram.shape[1])
+    for start in range(0, gram.shape[0], band):
+        rows = slice(start, start + band)
+        product.addmm_(transposed[rows].T, gram[rows].double() @ transposed)
+    return product
+
+
 @register
 class SVDLLM(ActivationAware):
     name = "svdllm"
     description = "SVD-LLM: truncation-aware whitening by the Cholesky factor of the inputs' Gram matrix"
 
     def select(self, weight, bias, stats, rank):
-        lower = whitening(stats["gram"])
-        u, s, vh = svd(weight.double() @ lower, cache=self.cache)
-        # first = diag(s) V^T L^-1, solved as first @ L = diag(s) V^T (no explicit inverse)
-        first = torch.linalg.solve_triangular(lower, s[:rank, None] * vh[:rank], upper=False, left=False)
-        return Factors(first=first.to(weight.dtype), second=u[:, :rank].to(weight.dtype), bias=bias)
+        u, _ = whitened_svd(weight, stats["gram"], cache=self.cache)
+        kept = u[:, :rank]  # first = diag(s) V^T L^-1 = U^T W: the projection onto the kept bases
+        return Factors(first=(kept.T @ weight.double()).to(weight.dtype), second=kept.to(weight.dtype), bias=bias)
 
     def scores(self, weight, stats):
         # s_i^2 is exactly the output error per token that dropping basis i costs on the calibration data
-        return svd(weight.double() @ whitening(stats["gram"]), cache=self.cache)[1].square()
+        return whitened_svd(weight, stats["gram"], cache=self.cache)[1].square()
 
 
 @register

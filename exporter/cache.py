@@ -25,6 +25,7 @@ ALIAS = "@"  # flatten: "layer/@owner" means layer shares owner's statistics
 # Free disk an entry may not eat into: the export's own files come after the cache's (a Llama-2-7B export writes
 # about 12 GB of graph data), and a factorizing plan at 7B width would cache about 2.5 GB of bases a block.
 RESERVE_BYTES = 16 << 30
+HASH_CHUNK = 1 << 24  # bytes hashed at once
 
 
 class TensorCache:
@@ -36,10 +37,13 @@ class TensorCache:
         self.misses = 0
         self.skipped = 0  # entries not written: the disk would have kept less than RESERVE_BYTES free
 
-    def get_or_compute(self, key: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def get_or_compute(self, parts: tuple[str | torch.Tensor, ...],
+                       compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The entry keyed by `parts` (see `tensor_key`), computed and stored when missing. The key is hashed only
+        when caching: at a 7B model's widths a layer's Gram matrix is 0.48 GB, a second of hashing."""
         if self.folder is None:
             return compute()
-        path = self.folder / f"{key}.safetensors"
+        path = self.folder / f"{tensor_key(*parts)}.safetensors"
         if path.is_file():
             try:
                 result = load_file(path)
@@ -71,7 +75,9 @@ def tensor_key(*parts: str | torch.Tensor) -> str:
         if isinstance(part, torch.Tensor):
             data = part.detach().contiguous().cpu()
             h.update(f"{data.dtype}{tuple(data.shape)}".encode())
-            h.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+            for chunk in data.reshape(-1).view(torch.uint8).split(HASH_CHUNK):  # copied a chunk at a time: a
+                h.update(chunk.clone().numpy())  # whole copy is 0.48 GB at a 7B model's widths, and a tensor
+                # handed to numpy itself can no longer be freed in place (exporter.quantize's consume)
         else:
             h.update(part.encode())
         h.update(b"\0")

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from exporter.cache import TensorCache, flatten, tensor_key, unflatten
+from exporter.cache import TensorCache, flatten, unflatten
 from exporter.calibration import Calibration
 
 Progress = Callable[[], None]
@@ -92,7 +92,7 @@ def activation_stats(
 def cached_activation_stats(model: nn.Module, fingerprint: str, calibration: Calibration, names: list[str],
                             cache: TensorCache, advance: Progress = lambda: None) -> dict[str, dict[str, torch.Tensor]]:
     """`activation_stats`, kept in `cache` under the model's fingerprint, the calibration data and the layers."""
-    key = tensor_key("activations", fingerprint, calibration.fingerprint, repr(names), "float32 sums")
+    key = ("activations", fingerprint, calibration.fingerprint, repr(names), "float32 sums")
     return unflatten(cache.get_or_compute(key, lambda: flatten(activation_stats(model, calibration, names, advance))))
 
 

@@ -21,9 +21,9 @@ from abc import abstractmethod
 import torch
 from torch import nn
 
-from exporter.baselines import whitening
+from exporter.baselines import whitened_bases, whitened_svd
 from exporter.collect import activation_stats, gradient_passes, weight_gradients, weights_require_grad
-from exporter.select import Factors, SelectionMethod, register, svd
+from exporter.select import Factors, SelectionMethod, register
 
 PERTURBATION = 1e-2  # relative size of the Hutchinson probe's step; gradient differences stay far above fp32 noise
 PROBES = 4  # Hutchinson probes per batch; with 1 the curvature's noise outweighs it (tiny model: worse than svd)
@@ -46,21 +46,16 @@ class WhitenedBasisImportance(SelectionMethod):
         """Per layer, a score for every basis (float64, as long as s): higher means keep."""
 
     def select(self, weight, bias, stats, rank):
-        lower = whitening(stats["gram"])
-        u, s, vh = svd(weight.double() @ lower, cache=self.cache)
-        keep = torch.topk(stats["importance"], rank).indices.sort().values
-        first = torch.linalg.solve_triangular(lower, s[keep, None] * vh[keep], upper=False, left=False)
-        return Factors(first=first.to(weight.dtype), second=u[:, keep].to(weight.dtype), bias=bias)
+        u, _ = whitened_svd(weight, stats["gram"], cache=self.cache)
+        kept = u[:, torch.topk(stats["importance"], rank).indices.sort().values]
+        return Factors(first=(kept.T @ weight.double()).to(weight.dtype), second=kept.to(weight.dtype), bias=bias)
 
     def scores(self, weight, stats):
         return stats["importance"].clamp(min=0).sort(descending=True).values
 
     def _bases(self, weight, gram, name) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """U, s and V^T L^-1 in the weight's dtype: W = U diag(s) (V^T L^-1)."""
-        lower = whitening(gram, name)
-        u, s, vh = svd(weight.detach().double() @ lower, name, cache=self.cache)
-        unwhitened = torch.linalg.solve_triangular(lower, vh, upper=False, left=False)
-        return u.to(weight.dtype), s.to(weight.dtype), unwhitened.to(weight.dtype)
+        return tuple(t.to(weight.dtype) for t in whitened_bases(weight, gram, name, self.cache))
 
 
 def coefficient_gradients(bases, grad: torch.Tensor) -> torch.Tensor:

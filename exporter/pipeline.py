@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from exporter import plan as planner
-from exporter.cache import TensorCache, flatten, tensor_key, unflatten
+from exporter.cache import TensorCache, flatten, unflatten
 from exporter.calibration import Calibration, calibration_batches
 from exporter.collect import cached_activation_stats
 from exporter.contracts import (
@@ -395,8 +395,7 @@ class TaskData:
     def vocabulary_costs(self) -> dict[int, float]:
         """The measured loss increase of keeping fewer vocabulary rows (exporter.vocabulary), cached."""
         texts = self.task.calibration(data_dir(self.config.data_dir))
-        key = tensor_key("vocabulary", self.loaded.fingerprint, self.calibration.fingerprint,
-                         repr(self.vocabulary_ranking[:64]))
+        key = ("vocabulary", self.loaded.fingerprint, self.calibration.fingerprint, repr(self.vocabulary_ranking[:64]))
 
         def measure() -> dict[str, torch.Tensor]:
             measured = vocabulary_costs(self.loaded.model, self.loaded.tokenizer, texts, self.config.seed,
@@ -411,7 +410,7 @@ class TaskData:
         """Mean squared gradients of the per-token loss at every projection's outputs (exporter.sensitivity)."""
         names = [layer.name for layer in self.spec.layers]
         calibration = self.calibration
-        key = tensor_key("fisher", self.loaded.fingerprint, calibration.fingerprint, repr(names))
+        key = ("fisher", self.loaded.fingerprint, calibration.fingerprint, repr(names))
         return _stage(self.progress, "measuring layer sensitivity", len(calibration.batches),
                       lambda advance: self.method.cache.get_or_compute(key, lambda: output_fisher(
                           self.loaded.model, calibration, names, advance)))
@@ -420,7 +419,7 @@ class TaskData:
         """Every layer's `layer_costs`, priced a block at a time (exporter.sensitivity.streamed_costs), cached."""
         calibration, loaded = self.calibration, self.loaded
         options = {layer.name: ranks(layer) for layer in self.spec.layers}
-        key = tensor_key("streamed-costs", loaded.fingerprint, calibration.fingerprint, precision, repr(options))
+        key = ("streamed-costs", loaded.fingerprint, calibration.fingerprint, precision, repr(options))
 
         def price(advance: Callable[[], None]) -> dict[str, torch.Tensor]:
             costs = streamed_costs(loaded.checkpoint, loaded.model, self.spec, calibration, ranks,
@@ -486,7 +485,7 @@ def _method_stats(config, loaded, rank_plan, data: TaskData, method, progress) -
     where = _on_processes(method)
     ranks = {layer.name: layer.rank for layer in rank_plan.factorized}
     pruned_to = repr(ranks) if method.needs == "training" else ""  # only training prunes to the ranks
-    key = tensor_key("stats", method.name, loaded.fingerprint, calibration.fingerprint, repr(names), pruned_to)
+    key = ("stats", method.name, loaded.fingerprint, calibration.fingerprint, repr(names), pruned_to)
     return unflatten(_stage(progress, f"collecting {method.needs} ({calibration.tokens} tokens){where}",
                             method.passes * len(calibration.batches),
                             lambda advance: method.cache.get_or_compute(key, lambda: flatten(

@@ -26,10 +26,10 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, send_to_device
 from torch import nn
 
-from exporter.baselines import SVDLLM, whitening
+from exporter.baselines import SVDLLM, whitened_bases
 from exporter.collect import activation_stats
 from exporter.errors import UsageError
-from exporter.select import SelectionMethod, register, svd
+from exporter.select import SelectionMethod, register
 
 NEW_BASES = 32
 EPOCHS = 3
@@ -138,9 +138,7 @@ def _relearning(model: nn.Module, grams: dict[str, torch.Tensor], cache) -> Iter
     flags = {p: p.requires_grad for p in model.parameters()}
     try:
         for name, module in originals.items():
-            lower = whitening(grams[name], name)
-            u, s, vh = svd(module.weight.double() @ lower, name, cache=cache)
-            unwhitened = torch.linalg.solve_triangular(lower, vh, upper=False, left=False)  # V^T L^-1
+            u, s, unwhitened = whitened_bases(module.weight, grams[name], name, cache)  # W = U diag(s) V^T L^-1
             layers[name] = BasisLinear(u, s, unwhitened, None if module.bias is None else module.bias.detach())
             _swap(model, name, layers[name])
         for p in model.parameters():

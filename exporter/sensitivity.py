@@ -26,16 +26,14 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from exporter.baselines import whitening
+from exporter.baselines import whitened_svd
 from exporter.calibration import Calibration
 from exporter.checkpoint import Checkpoint, release
 from exporter.collect import InputStats
 from exporter.contracts import LayerPlan, ModelSpec
 from exporter.quantize import round_to_nearest
-from exporter.select import single_thread, svd
+from exporter.select import BAND_ENTRIES, single_thread
 from exporter.stream import Head, embed, through
-
-BAND_ENTRIES = 1 << 22  # entries of a band of rows priced at once (32 MB in float64)
 
 
 def output_fisher(model: nn.Module, calibration: Calibration, names: list[str],
@@ -162,8 +160,7 @@ def layer_costs(weight: torch.Tensor, gram: torch.Tensor, fisher: torch.Tensor, 
     """Estimated loss increase per token of this layer at each rank in `ranks`, against the layer left dense at
     `precision` (see the module docstring)."""
     weight = weight.detach()
-    lower = whitening(gram, layer)
-    u, s, vh = svd(weight.double() @ lower, layer, cache)
+    u, s = whitened_svd(weight, gram, layer, cache)
     per_basis = 0.5 * s.square() * (fisher[:, None] * u.square()).sum(0)  # cost of dropping each basis
     dropped = per_basis.flip(0).cumsum(0).flip(0)  # dropped[r] = cost of dropping bases r, r+1, ...
     total = float(per_basis.sum())
@@ -174,12 +171,14 @@ def layer_costs(weight: torch.Tensor, gram: torch.Tensor, fisher: torch.Tensor, 
     band_rows = max(1, BAND_ENTRIES // weight.shape[1])
 
     def rounding_cost(exact: Callable[[slice], torch.Tensor], rounded: Callable[[slice], torch.Tensor]) -> float:
-        """½ ||√F (exact - rounded) L||², a band of rows at a time: at a 7B model's widths each whole matrix is
-        0.36 GB in float64, and pricing whole ones held five of them beside L."""
+        """½ ||√F (exact - rounded) L||² = ½ tr(√F E gram E^T √F), a band of rows at a time: at a 7B model's widths
+        each whole matrix is 0.36 GB in float64. The product with the gram is taken in its float32 (a float64
+        copy of the gram would be 0.97 GB at d_in 11008); a price needs no more digits."""
         cost = 0.0
         for start in range(0, weight.shape[0], band_rows):
             band = slice(start, start + band_rows)
-            cost += float((scale[band] * ((exact(band) - rounded(band)) @ lower)).square().sum())
+            error = scale[band] * (exact(band) - rounded(band))
+            cost += float(((error.float() @ gram).double() * error).sum())
         return 0.5 * cost
 
     def rows(matrix: torch.Tensor) -> Callable[[slice], torch.Tensor]:
@@ -190,8 +189,8 @@ def layer_costs(weight: torch.Tensor, gram: torch.Tensor, fisher: torch.Tensor, 
 
     dense_cost = rounding_cost(rows(weight), rows(round_to_nearest(weight).dequantize()))
     r0 = ranks[len(ranks) // 2]
-    first = torch.linalg.solve_triangular(lower, s[:r0, None] * vh[:r0], upper=False, left=False)
     second = u[:, :r0]
+    first = second.T @ weight.double()  # diag(s) V^T L^-1 of the kept bases (exporter.baselines.whitened_svd)
     factor_cost = rounding_cost(product_rows(second, first), product_rows(round_to_nearest(second).dequantize(),
                                                                           round_to_nearest(first).dequantize().double()))
     kept_r0 = max(total - float(dropped[r0]), 1e-30)

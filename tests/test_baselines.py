@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import build_tiny, train_tiny
 
+from exporter.baselines import whitened_bases, whitened_svd, whitening
 from exporter.calibration import calibration_batches
 from exporter.collect import activation_stats
 from exporter.contracts import RankPlan
@@ -24,18 +25,45 @@ def skewed_inputs(n: int, d_in: int) -> torch.Tensor:
     return (torch.randn(n, d_in, dtype=torch.float64) * torch.logspace(-2, 1, d_in, dtype=torch.float64)) @ mixing
 
 
-def test_svdllm_truncation_loss_is_the_dropped_singular_values():
+@pytest.mark.parametrize("shape", [(24, 16), (16, 24)])  # tall (through L) and wide (through W gram W^T)
+def test_svdllm_truncation_loss_is_the_dropped_singular_values(shape):
     torch.manual_seed(0)
-    weight = torch.randn(24, 16, dtype=torch.float64)
-    x = skewed_inputs(400, 16)
+    weight = torch.randn(*shape, dtype=torch.float64)
+    x = skewed_inputs(400, shape[1])
     stats = {"gram": x.T @ x / 400}
     method = get_method("svdllm")
     factors = method.select(weight, None, stats, 6)
     loss = ((weight - factors.second @ factors.first) @ x.T).square().sum() / 400
-    from exporter.baselines import whitening
-
     dropped = torch.linalg.svdvals(weight @ whitening(stats["gram"]))[6:]
     assert loss.item() == pytest.approx(dropped.square().sum().item(), rel=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(24, 56), (56, 24)])
+def test_whitened_bases_are_those_of_w_times_the_cholesky_factor(shape):
+    """U and s as LAPACK's SVD of W L gives them, and W rebuilt basis by basis from U diag(s) (V^T L^-1)."""
+    torch.manual_seed(0)
+    weight = torch.randn(*shape)
+    x = skewed_inputs(400, shape[1])
+    gram = x.T @ x / 400  # positive definite, so Cholesky needs no jitter
+    u, s, rows = whitened_bases(weight, gram)
+    expected_u, expected_s, _ = torch.linalg.svd(weight.double() @ whitening(gram), full_matrices=False)
+    assert torch.allclose(s, expected_s, rtol=1e-9, atol=0)
+    assert torch.allclose((u * expected_u).sum(0).abs(), torch.ones_like(s), atol=1e-6)  # the same bases, up to sign
+    assert torch.allclose(u @ (s[:, None] * rows), weight.double(), atol=1e-9)
+
+
+def test_a_wide_layer_whose_inputs_span_too_few_directions_needs_no_jitter():
+    """Inputs confined to 10 of 24 directions (a singular Gram matrix, which Cholesky cannot factor): the
+    decomposition through W gram W^T still finds the exact SVD-LLM truncation, and all the energy in 10 bases."""
+    torch.manual_seed(0)
+    weight = torch.randn(16, 24, dtype=torch.float64)
+    x = torch.randn(400, 10, dtype=torch.float64) @ torch.randn(10, 24, dtype=torch.float64)
+    gram = x.T @ x / 400
+    s = whitened_svd(weight, gram)[1]
+    assert s[10:].max() < 1e-6 * s[0]
+    factors = get_method("svdllm").select(weight, None, {"gram": gram}, 4)
+    loss = ((weight - factors.second @ factors.first) @ x.T).square().sum() / 400
+    assert loss.item() == pytest.approx(s[4:].square().sum().item(), rel=1e-8)
 
 
 @pytest.mark.parametrize("name", ["asvd", "svdllm"])

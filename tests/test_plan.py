@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import build_tiny
 
 from exporter.contracts import MIB, DeviceProfile, LayerSpec, ModelSpec
@@ -22,6 +23,8 @@ from exporter.plan import (
     rank_options,
 )
 from exporter.quantize import int4_bytes
+from exporter.select import get_method
+from exporter.sensitivity import layer_costs
 
 PROFILE = DeviceProfile(
     name="t", description="", execution_providers=("CPUExecutionProvider",), threads=1, precision="fp32",
@@ -180,3 +183,21 @@ def test_vocabulary_rows_are_bought_where_they_are_cheap():
         vocabulary[plan.vocabulary] + sum(costs[layer.name][layer.rank] for layer in plan.factorized))
     without = allocate(spec, profile, costs)  # no vocabulary option: the layers pay for everything
     assert without.keep_ratio < plan.keep_ratio and without.estimated_loss_increase > plan.estimated_loss_increase
+
+
+@pytest.mark.parametrize("shape", [(16, 40), (40, 16)])
+def test_a_layers_price_at_fp32_is_the_fisher_weighted_output_error_of_its_truncation(shape):
+    """½ Σ_j F_j Σ_t (δW x_t)_j² / n for SVD-LLM's truncation at each rank (what `layer_costs` prices); at int4 a
+    factorized layer costs at least its truncation."""
+    torch.manual_seed(0)
+    weight = torch.randn(*shape)
+    x = torch.randn(300, shape[1], dtype=torch.float64) * torch.logspace(-1, 1, shape[1], dtype=torch.float64)
+    gram, fisher = x.T @ x / 300, torch.logspace(-3, 0, shape[0], dtype=torch.float64)
+    ranks = [4, 8, 12]
+    costs = layer_costs(weight, gram, fisher, ranks, "fp32")
+    for rank in ranks:
+        factors = get_method("svdllm").select(weight.double(), None, {"gram": gram}, rank)
+        error = (weight.double() - factors.second @ factors.first) @ x.T  # d_out x tokens
+        assert costs[rank] == pytest.approx(0.5 * float((fisher[:, None] * error.square()).sum()) / 300, rel=1e-9)
+    rounded = layer_costs(weight, gram.float(), fisher, ranks, "int4")
+    assert all(rounded[rank] >= costs[rank] * (1 - 1e-6) for rank in ranks)
