@@ -26,6 +26,7 @@ from scipy.linalg import lapack
 from torch import nn
 
 from exporter.factorize import LowRankLinear
+from exporter.select import row_bands
 from exporter.vocabulary import PrunedHead
 
 QUANT_BLOCK = 32
@@ -304,12 +305,14 @@ def _quantize_low_rank(name: str, layer: LowRankLinear, gram: torch.Tensor | Non
     first, second = layer.first.weight.detach().double(), layer.second.weight.detach().double()
     if gram is None:
         return {f"{name}.first": round_to_nearest(first), f"{name}.second": round_to_nearest(second)}
-    gram = gram.double()
     first_q = gptq(first, gram)
     rounded = first_q.dequantize().double()
-    inner = rounded @ gram @ rounded.T  # Gram matrix of the rounded first factor's outputs
+    toward_rounded = torch.empty(gram.shape[0], rounded.shape[0], dtype=torch.float64)  # G Âᵀ
+    for rows in row_bands(*gram.shape):  # no float64 copy of G: 0.97 GB at Llama-2-7B's 11008-wide MLP input
+        toward_rounded[rows] = gram[rows].double() @ rounded.T
+    inner = rounded @ toward_rounded  # Â G Âᵀ: the Gram matrix of the rounded first factor's outputs
     damping = GPTQ_DAMPING * float(inner.diagonal().mean()) * torch.eye(inner.shape[0], dtype=inner.dtype)
-    refit = torch.linalg.solve(inner + damping, (second @ first @ gram @ rounded.T).T).T
+    refit = torch.linalg.solve(inner + damping, (second @ (first @ toward_rounded)).T).T  # never d_out x K
     return {f"{name}.first": first_q, f"{name}.second": gptq(refit, inner)}
 
 

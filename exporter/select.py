@@ -160,6 +160,13 @@ def eigen_decomposition(square: torch.Tensor, layer: str = "") -> dict[str, torc
     return {"u": vectors.flip(1), "s": s}  # descending, as LAPACK orders them (flip copies: contiguous)
 
 
+def row_bands(rows: int, width: int) -> Iterator[slice]:
+    """Slices of a (rows x width) matrix's rows of at most BAND_ENTRIES entries each, to work on in turn."""
+    step = max(1, BAND_ENTRIES // max(width, 1))
+    for start in range(0, rows, step):
+        yield slice(start, start + step)
+
+
 def divisor(s: torch.Tensor) -> torch.Tensor:
     """s with zeros replaced by ones: dividing by it leaves a basis of zero weight at zero."""
     return torch.where(s > 0, s, 1.0)

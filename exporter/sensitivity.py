@@ -32,7 +32,7 @@ from exporter.checkpoint import Checkpoint, release
 from exporter.collect import InputStats
 from exporter.contracts import LayerPlan, ModelSpec
 from exporter.quantize import round_to_nearest
-from exporter.select import BAND_ENTRIES, single_thread
+from exporter.select import row_bands, single_thread
 from exporter.stream import Head, embed, through
 
 
@@ -64,9 +64,10 @@ def streamed_costs(checkpoint: Checkpoint, model: PreTrainedModel, spec: ModelSp
     inputs set aside in a temporary file. Then the per-token losses' gradient at the final hidden states runs back
     through the blocks, last to first: each block is read again and run forward on its saved inputs (its
     projections' input Gram matrices collected on the way) and backward from its outputs' gradient (its
-    projections' squared output gradients summed: their Fisher information); its layers are priced, and the
-    gradient of its inputs goes on to the block before it. Two block reads, a forward and a backward more than
-    an export without layer sensitivity; in memory, one block, its statistics and the windows' states."""
+    projections' squared output gradients summed: their Fisher information); the block is dropped and its layers
+    are priced, each weight read again alone, and the gradient of its inputs goes on to the block before it.
+    Two block reads, a forward and a backward more than an export without layer sensitivity; in memory, one
+    block, its statistics and the windows' states."""
     blocks = checkpoint.arch.blocks
     tokens = sum(_predicted(batch) for batch in calibration.batches)
     costs: dict[str, dict[int, float]] = {}
@@ -97,12 +98,12 @@ def streamed_costs(checkpoint: Checkpoint, model: PreTrainedModel, spec: ModelSp
                 for k, (hidden, kwargs) in enumerate(zip(inputs, arguments, strict=True)):
                     gradients[k] = _input_gradient(block, hidden, kwargs, gradients[k])
             grams = stats.result()
+            release(block)  # each layer's weight is read again alone to price it: the block is 0.81 GB at 7B width
             with single_thread():
                 for layer in layers:
-                    costs[layer.name] = layer_costs(model.get_submodule(layer.name).weight, grams[layer.name]["gram"],
-                                                    fisher[layer.name] / tokens, ranks(layer), precision, layer.name,
-                                                    cache)
-            release(block)
+                    weight = checkpoint.read_into(f"{layer.name}.weight", torch.empty(layer.d_out, layer.d_in))
+                    costs[layer.name] = layer_costs(weight, grams[layer.name]["gram"], fisher[layer.name] / tokens,
+                                                    ranks(layer), precision, layer.name, cache)
             on_block()
     return costs
 
@@ -161,22 +162,21 @@ def layer_costs(weight: torch.Tensor, gram: torch.Tensor, fisher: torch.Tensor, 
     `precision` (see the module docstring)."""
     weight = weight.detach()
     u, s = whitened_svd(weight, gram, layer, cache)
-    per_basis = 0.5 * s.square() * (fisher[:, None] * u.square()).sum(0)  # cost of dropping each basis
+    weighted_squares = sum(fisher[rows] @ u[rows].square() for rows in row_bands(*u.shape))  # Σ_j F_j U_ji²
+    per_basis = 0.5 * s.square() * weighted_squares  # cost of dropping each basis
     dropped = per_basis.flip(0).cumsum(0).flip(0)  # dropped[r] = cost of dropping bases r, r+1, ...
     total = float(per_basis.sum())
     costs = {r: float(dropped[r]) for r in ranks}
     if precision == "fp32" or not ranks:
         return costs
     scale = fisher.sqrt()[:, None]
-    band_rows = max(1, BAND_ENTRIES // weight.shape[1])
 
     def rounding_cost(exact: Callable[[slice], torch.Tensor], rounded: Callable[[slice], torch.Tensor]) -> float:
         """½ ||√F (exact - rounded) L||² = ½ tr(√F E gram E^T √F), a band of rows at a time: at a 7B model's widths
         each whole matrix is 0.36 GB in float64. The product with the gram is taken in its float32 (a float64
         copy of the gram would be 0.97 GB at d_in 11008); a price needs no more digits."""
         cost = 0.0
-        for start in range(0, weight.shape[0], band_rows):
-            band = slice(start, start + band_rows)
+        for band in row_bands(*weight.shape):
             error = scale[band] * (exact(band) - rounded(band))
             cost += float(((error.float() @ gram).double() * error).sum())
         return 0.5 * cost
