@@ -28,7 +28,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from exporter.architectures import arch_for
-from exporter.errors import UsageError
+from exporter.contracts import MIB, DeviceProfile
+from exporter.errors import BudgetError, UsageError
+from exporter.models import describe
+from exporter.plan import make_plan
 from exporter.relearn import EPOCHS
 
 # Fitted to scripts/bench_scale.py on this 2-core machine (README, "Scale").
@@ -58,6 +61,12 @@ RUNTIME_BYTES_PER_PARAMETER = 0.94  # the int4 model in onnxruntime (0.64 bytes 
 STREAM_SECONDS_PER_TFLOP = 43.8  # the same work as in memory; float32 statistics sums
 STREAM_BASE_SECONDS = 81.4
 
+# A plan that factorizes (the dense model does not meet the device's budgets) also decomposes, in float64, one
+# projection at a time beside the block: its price (exporter.sensitivity) and its selection (whitened U, s: W gram
+# W^T or L^T W^T W L, and U), then its factors' GPTQ. Counted as copies of the largest projection in float64;
+# fitted to one run: a one-block Llama-2-7B-width checkpoint on a profile that forces factorizing.
+FACTORIZING_COPIES = 1.0
+
 # Layer-wise relearning (basel-layerwise) adds, per block, training over every basis of every projection (all of
 # them trained, whatever the rank): forward and backward, 6 flops a basis entry a token, EPOCHS times over the
 # calibration tokens; and it holds the largest block's bases (U and V^T L^-1 in fp32) beside the block. Fitted to
@@ -79,9 +88,11 @@ class Footprint:
     relearning_seconds: float  # and to its time
 
 
-def export_footprint(model: nn.Module, memory_budget_bytes: float = float("inf")) -> Footprint:
+def export_footprint(model: nn.Module, memory_budget_bytes: float = float("inf"),
+                     factorizing: bool = False) -> Footprint:
     """What `edgeslim export` of `model` (its weights may be on the meta device) will need here, at int4, for a
-    device whose memory budget is `memory_budget_bytes` (the shipped model, running, holds at most that)."""
+    device whose memory budget is `memory_budget_bytes` (the shipped model, running, holds at most that);
+    `factorizing`: the plan factorizes (a block at a time, that adds the decomposition of the largest projection)."""
     parameters = _count(model)  # tied weights counted once
     shapes = dict(_projections(model))
     gram_entries = _gram_entries(shapes)
@@ -97,7 +108,9 @@ def export_footprint(model: nn.Module, memory_budget_bytes: float = float("inf")
     if model.get_input_embeddings().weight is model.get_output_embeddings().weight:
         streamed_work += 2 * CALIBRATION_TOKENS * in_blocks  # the dense pass a tied table's GPTQ needs first
     bases = {id(b): _basis_entries(b) for b in blocks}
-    streamed = max(STREAM_BASE_BYTES + STREAM_COPIES * 4 * held
+    largest = max(d_in * d_out for _, (d_in, d_out) in _projections(block))  # the plan factorizes only in blocks
+    decomposing = FACTORIZING_COPIES * 8 * largest if factorizing else 0
+    streamed = max(STREAM_BASE_BYTES + STREAM_COPIES * 4 * held + decomposing
                    + GRAM_BYTES * _gram_entries(dict(_projections(block)))
                    + 4 * CALIBRATION_TOKENS * model.config.hidden_size,  # a block at a time
                    MEASURING_BASE_BYTES + min(RUNTIME_BYTES_PER_PARAMETER * parameters,
@@ -139,25 +152,37 @@ def _projections(model: nn.Module):
 
 
 def checkpoint_footprint(folder: Path, trust_remote_code: bool = False,
-                         memory_budget_bytes: float = float("inf")) -> Footprint:
-    """The footprint of a Hugging Face model folder, from its config alone (nothing is loaded)."""
+                         profile: DeviceProfile | None = None) -> Footprint:
+    """The footprint of a Hugging Face model folder, from its config alone (nothing is loaded), exported for
+    `profile` (its memory budget, and whether the dense model meets its budgets or the plan factorizes)."""
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return export_footprint(model, memory_budget_bytes)
+    if profile is None:
+        return export_footprint(model)
+    return export_footprint(model, profile.memory_budget_mib * MIB, _factorizes(model, profile))
+
+
+def _factorizes(model: nn.Module, profile: DeviceProfile) -> bool:
+    """Whether the plan for `profile` factorizes: the dense model misses one of its budgets (an impossible
+    budget is refused later, by the planner, with its own message)."""
+    try:
+        return make_plan(describe(model), profile).allocation != "dense"
+    except BudgetError:
+        return True
 
 
 def choose_streaming(folder: Path, source: str, trust_remote_code: bool = False, requested: bool | None = None,
-                     relearning: bool = False, memory_budget_bytes: float = float("inf")) -> tuple[bool, str | None]:
+                     relearning: bool = False, profile: DeviceProfile | None = None) -> tuple[bool, str | None]:
     """(whether to export a block at a time, a line saying why when it was not asked for), refusing, before
     anything is loaded, an export that would not fit this machine's available memory either way. `requested`:
     None lets the memory decide (in memory when it fits: one pass, and vocabulary pruning needs the whole model).
     `relearning`: the method relearns a block at a time (basel-layerwise), which streams and holds the block's
-    bases too. `memory_budget_bytes`: the device's, which bounds the shipped model measured running."""
+    bases too. `profile`: the device's, whose memory budget bounds the shipped model measured running."""
     available = available_bytes()
     if os.environ.get(SKIP_CHECK) == "1" or available is None:
         return bool(requested), None
-    needed = checkpoint_footprint(folder, trust_remote_code, memory_budget_bytes)
+    needed = checkpoint_footprint(folder, trust_remote_code, profile)
     if relearning:
         needed = replace(needed, streamed_peak_bytes=needed.streamed_peak_bytes + needed.relearning_bytes)
     if requested is None and needed.peak_bytes <= available:

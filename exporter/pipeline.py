@@ -305,7 +305,7 @@ def _streamed(config: RunConfig, profile: DeviceProfile, method: SelectionMethod
     streamed = bool(requested)
     if config.model and (folder / "config.json").is_file():
         streamed, note = choose_streaming(folder, config.model, config.trust_remote_code, requested, relearning,
-                                          profile.memory_budget_mib * MIB)
+                                          profile)
         if note:
             console.print(note)
     if streamed and method.needs not in ("nothing", "activations", "blocks"):
