@@ -30,7 +30,7 @@ from transformers.pytorch_utils import Conv1D
 from exporter.architectures import arch_for
 from exporter.contracts import MIB, DeviceProfile
 from exporter.errors import BudgetError, UsageError
-from exporter.models import describe
+from exporter.models import describe, normalize_
 from exporter.plan import make_plan
 from exporter.relearn import EPOCHS
 
@@ -168,7 +168,9 @@ def _factorizes(model: nn.Module, profile: DeviceProfile) -> bool:
     """Whether the plan for `profile` factorizes: the dense model misses one of its budgets (an impossible
     budget is refused later, by the planner, with its own message)."""
     try:
-        return make_plan(describe(model), profile).allocation != "dense"
+        with torch.device("meta"):  # GPT-2's Conv1D projections become Linear ones, as the pipeline plans them
+            spec = describe(normalize_(model))
+        return make_plan(spec, profile).allocation != "dense"
     except BudgetError:
         return True
 
