@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 FORMAT = "v3"  # bump when what a key's computation returns changes
 ALIAS = "@"  # flatten: "layer/@owner" means layer shares owner's statistics
 # Free disk an entry may not eat into: the export's own files come after the cache's (a Llama-2-7B export writes
-# about 12 GB of graph data), and a factorizing plan at 7B width would cache about 2.5 GB of bases a block.
+# about 12 GB of graph data), and a factorizing plan at 7B width would cache about 1.4 GB of bases a block.
 RESERVE_BYTES = 16 << 30
 HASH_CHUNK = 1 << 24  # bytes hashed at once
 
