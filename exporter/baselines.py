@@ -94,6 +94,11 @@ def whitened_bases(weight: torch.Tensor, gram: torch.Tensor, layer: str = "",
     return u, s, (u.T @ weight.detach().double()).div_(divisor(s)[:, None])
 
 
+def projection_factors(kept: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Factors:
+    """Factors keeping the whitened bases `kept` (columns of U): first = diag(s) V^T L^-1 = U^T W, second = U."""
+    return Factors(first=(kept.T @ weight.double()).to(weight.dtype), second=kept.to(weight.dtype), bias=bias)
+
+
 def _sandwich(left: torch.Tensor, middle: torch.Tensor) -> torch.Tensor:
     """left @ middle @ left^T in float64, a band of middle's rows at a time (middle stays in its own dtype)."""
     transposed = left.T.double()  # no copy when left is a float64 matrix's transpose
@@ -130,8 +135,7 @@ class SVDLLM(ActivationAware):
 
     def select(self, weight, bias, stats, rank):
         u, _ = whitened_svd(weight, stats["gram"], cache=self.cache)
-        kept = u[:, :rank]  # first = diag(s) V^T L^-1 = U^T W: the projection onto the kept bases
-        return Factors(first=(kept.T @ weight.double()).to(weight.dtype), second=kept.to(weight.dtype), bias=bias)
+        return projection_factors(u[:, :rank], weight, bias)
 
     def scores(self, weight, stats):
         # s_i^2 is exactly the output error per token that dropping basis i costs on the calibration data

@@ -21,9 +21,9 @@ from abc import abstractmethod
 import torch
 from torch import nn
 
-from exporter.baselines import whitened_bases, whitened_svd
+from exporter.baselines import projection_factors, whitened_bases, whitened_svd
 from exporter.collect import activation_stats, gradient_passes, weight_gradients, weights_require_grad
-from exporter.select import Factors, SelectionMethod, register
+from exporter.select import SelectionMethod, register
 
 PERTURBATION = 1e-2  # relative size of the Hutchinson probe's step; gradient differences stay far above fp32 noise
 PROBES = 4  # Hutchinson probes per batch; with 1 the curvature's noise outweighs it (tiny model: worse than svd)
@@ -47,8 +47,7 @@ class WhitenedBasisImportance(SelectionMethod):
 
     def select(self, weight, bias, stats, rank):
         u, _ = whitened_svd(weight, stats["gram"], cache=self.cache)
-        kept = u[:, torch.topk(stats["importance"], rank).indices.sort().values]
-        return Factors(first=(kept.T @ weight.double()).to(weight.dtype), second=kept.to(weight.dtype), bias=bias)
+        return projection_factors(u[:, torch.topk(stats["importance"], rank).indices.sort().values], weight, bias)
 
     def scores(self, weight, stats):
         return stats["importance"].clamp(min=0).sort(descending=True).values

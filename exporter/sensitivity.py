@@ -173,12 +173,12 @@ def layer_costs(weight: torch.Tensor, gram: torch.Tensor, fisher: torch.Tensor, 
 
     def rounding_cost(exact: Callable[[slice], torch.Tensor], rounded: Callable[[slice], torch.Tensor]) -> float:
         """½ ||√F (exact - rounded) L||² = ½ tr(√F E gram E^T √F), a band of rows at a time: at a 7B model's widths
-        each whole matrix is 0.36 GB in float64. The product with the gram is taken in its float32 (a float64
-        copy of the gram would be 0.97 GB at d_in 11008); a price needs no more digits."""
+        each whole matrix is 0.36 GB in float64. The product with the gram is taken in the gram's dtype, float32
+        as collected (a float64 copy would be 0.97 GB at d_in 11008); a price needs no more digits."""
         cost = 0.0
         for band in row_bands(*weight.shape):
             error = scale[band] * (exact(band) - rounded(band))
-            cost += float(((error.float() @ gram).double() * error).sum())
+            cost += float(((error.to(gram.dtype) @ gram).double() * error).sum())
         return 0.5 * cost
 
     def rows(matrix: torch.Tensor) -> Callable[[slice], torch.Tensor]:
