@@ -32,7 +32,7 @@ from exporter.checkpoint import Checkpoint, release
 from exporter.collect import InputStats
 from exporter.contracts import LayerPlan, ModelSpec
 from exporter.quantize import round_to_nearest
-from exporter.select import row_bands, single_thread
+from exporter.select import row_bands, single_thread, transposed_product
 from exporter.stream import Head, embed, through
 
 
@@ -190,7 +190,7 @@ def layer_costs(weight: torch.Tensor, gram: torch.Tensor, fisher: torch.Tensor, 
     dense_cost = rounding_cost(rows(weight), rows(round_to_nearest(weight).dequantize()))
     r0 = ranks[len(ranks) // 2]
     second = u[:, :r0]
-    first = second.T @ weight.double()  # diag(s) V^T L^-1 of the kept bases (exporter.baselines.whitened_svd)
+    first = transposed_product(second, weight)  # diag(s) V^T L^-1 of the kept bases (exporter.baselines.whitened_svd)
     factor_cost = rounding_cost(product_rows(second, first), product_rows(round_to_nearest(second).dequantize(),
                                                                           round_to_nearest(first).dequantize().double()))
     kept_r0 = max(total - float(dropped[r0]), 1e-30)

@@ -117,3 +117,25 @@ def test_svd_matches_lapack_down_to_small_singular_values(shape):
     assert torch.allclose(u @ torch.diag(s) @ vh, weight.float().double(), atol=1e-12)
     assert torch.allclose(u.T @ u, torch.eye(min(shape), dtype=torch.float64), atol=1e-6)
     assert torch.allclose(vh @ vh.T, torch.eye(min(shape), dtype=torch.float64), atol=1e-6)
+
+
+def test_banded_products_equal_whole_ones(monkeypatch):
+    """The banded float64 products (a 7B model's weights are never copied whole to float64) sum every band: with
+    bands of a few rows they equal the whole products."""
+    import exporter.select as select
+    from exporter.baselines import _sandwich
+    from exporter.factorize import LowRankLinear
+    from exporter.select import Factors, transposed_product
+
+    monkeypatch.setattr(select, "BAND_ENTRIES", 40)  # bands of 1-3 rows
+    torch.manual_seed(0)
+    left, right, weight = torch.randn(23, 7), torch.randn(23, 11), torch.randn(9, 23)
+    middle = torch.randn(23, 23)
+    middle = middle @ middle.T
+    assert torch.allclose(transposed_product(left, right), left.double().T @ right.double(), atol=1e-10)
+    assert torch.allclose(_sandwich(weight, middle), weight.double() @ middle.double() @ weight.double().T,
+                          rtol=1e-12, atol=1e-9)
+    layer = LowRankLinear(Factors(first=torch.randn(4, 23), second=torch.randn(9, 4), bias=None))
+    whole = torch.linalg.matrix_norm((layer.second.weight @ layer.first.weight).double() - weight.double())
+    assert layer.relative_error(weight) == pytest.approx(float(whole / torch.linalg.matrix_norm(weight.double())),
+                                                         rel=1e-6)  # the product is fp32
