@@ -17,8 +17,11 @@ parity is checked against are both built from the same `Int4Matrix`.
 
 from __future__ import annotations
 
+import tempfile
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,7 +29,7 @@ from scipy.linalg import lapack
 from torch import nn
 
 from exporter.factorize import LowRankLinear
-from exporter.select import row_bands
+from exporter.select import row_bands, transposed_product
 from exporter.vocabulary import PrunedHead
 
 QUANT_BLOCK = 32
@@ -268,7 +271,8 @@ def quantize_modules(root: nn.Module, stats: dict | None = None, prefix: str = "
     time) at int4, keyed by their paths in the model; `stats` is keyed by those paths too.
 
     `consume` (a streamed block, whose statistics and fp32 weights are not needed once it is rounded): each Gram
-    matrix is used up by its inverse and taken out of `stats`, and each rounded layer's weight is dropped (left on
+    matrix is used up by its inverse (a factorized layer's waits in a temporary file meanwhile, for the refit)
+    and taken out of `stats`, and each rounded layer's weights are dropped (left on
     the meta device; `apply_` writes it back dequantized). So Llama-2-7B's widest inverse, the last, is made beside
     neither the other Gram matrices nor the block's other weights (0.8 GB at that width).
 
@@ -280,10 +284,21 @@ def quantize_modules(root: nn.Module, stats: dict | None = None, prefix: str = "
     inside_low_rank = set()
     reading: dict[int, list[str]] = {}  # dense layers by the Gram matrix of their inputs (q/k/v share one)
     modules = {".".join(filter(None, (prefix, name))): module for name, module in root.named_modules()}
+    readers = Counter(id(stats[name]["gram"]) for name, module in modules.items()
+                      if stats is not None and isinstance(module, nn.Linear | PrunedHead | LowRankLinear)
+                      and name in stats)
     for name, module in modules.items():
         if isinstance(module, LowRankLinear):
             inside_low_rank |= {f"{name}.first", f"{name}.second"}
-            quantized.update(_quantize_low_rank(name, module, None if stats is None else stats[name]["gram"]))
+            gram = None if stats is None else stats[name]["gram"]
+            if gram is not None:
+                readers[id(gram)] -= 1
+            last = consume and gram is not None and readers[id(gram)] == 0
+            quantized.update(_quantize_low_rank(name, module, gram, consume=last))
+            if last:
+                del stats[name]
+            if consume:
+                _drop_weights(module.first, module.second)
         elif isinstance(module, nn.Linear | PrunedHead) and name not in inside_low_rank:
             if stats is None:
                 quantized[name] = round_to_nearest(module.weight.detach())
@@ -296,23 +311,45 @@ def quantize_modules(root: nn.Module, stats: dict | None = None, prefix: str = "
         if consume:
             for name in names:
                 del stats[name]
-                weight = modules[name].weight
-                modules[name].weight = nn.Parameter(weight.to("meta"), requires_grad=weight.requires_grad)
+            _drop_weights(*(modules[name] for name in names))
     return quantized
 
 
-def _quantize_low_rank(name: str, layer: LowRankLinear, gram: torch.Tensor | None) -> dict[str, Int4Matrix]:
-    first, second = layer.first.weight.detach().double(), layer.second.weight.detach().double()
+def _drop_weights(*linears: nn.Module) -> None:
+    """Each rounded layer's weight left on the meta device (`apply_` writes it back dequantized)."""
+    for linear in linears:
+        linear.weight = nn.Parameter(linear.weight.to("meta"), requires_grad=linear.weight.requires_grad)
+
+
+def _quantize_low_rank(name: str, layer: LowRankLinear, gram: torch.Tensor | None,
+                       consume: bool = False) -> dict[str, Int4Matrix]:
+    """`consume` (no layer reads `gram` after this one): the Gram matrix waits in a temporary file while GPTQ's
+    float64 inverse takes its memory, and is read back for the refit (at Llama-2-7B's down_proj 0.49 GB that
+    would sit beside the 0.97 GB inverse, the peak of a factorizing block)."""
+    first, second = layer.first.weight.detach(), layer.second.weight.detach()
     if gram is None:
         return {f"{name}.first": round_to_nearest(first), f"{name}.second": round_to_nearest(second)}
-    first_q = gptq(first, gram)
-    rounded = first_q.dequantize().double()
+    if not consume:
+        return _refit_second(name, first, second, gptq(first, gram), gram)
+    with tempfile.TemporaryDirectory(prefix="edgeslim-gram-") as folder:
+        path = Path(folder) / "gram.pt"
+        torch.save(gram, path)
+        first_q = gptq_sharing([first], gram, consume=True)[0]
+        return _refit_second(name, first, second, first_q, torch.load(path, mmap=True))
+
+
+def _refit_second(name: str, first: torch.Tensor, second: torch.Tensor, first_q: Int4Matrix,
+                  gram: torch.Tensor) -> dict[str, Int4Matrix]:
+    """B refitted to what rounding A changed, then rounded by GPTQ on the rounded A's outputs. Products in float64
+    a band at a time: no float64 copy of G (0.97 GB at Llama-2-7B's 11008-wide MLP input), A or Â."""
+    rounded = first_q.dequantize()  # exact in float32: levels times scales
     toward_rounded = torch.empty(gram.shape[0], rounded.shape[0], dtype=torch.float64)  # G Âᵀ
-    for rows in row_bands(*gram.shape):  # no float64 copy of G: 0.97 GB at Llama-2-7B's 11008-wide MLP input
-        toward_rounded[rows] = gram[rows].double() @ rounded.T
-    inner = rounded @ toward_rounded  # Â G Âᵀ: the Gram matrix of the rounded first factor's outputs
+    for rows in row_bands(*gram.shape):
+        toward_rounded[rows] = transposed_product(gram[rows].T, rounded.T)
+    inner = transposed_product(rounded.T, toward_rounded)  # Â G Âᵀ: the Gram matrix of the rounded A's outputs
     damping = GPTQ_DAMPING * float(inner.diagonal().mean()) * torch.eye(inner.shape[0], dtype=inner.dtype)
-    refit = torch.linalg.solve(inner + damping, (second @ (first @ toward_rounded)).T).T  # never d_out x K
+    target = second.double() @ transposed_product(first.T, toward_rounded)  # B A G Âᵀ, never d_out x K
+    refit = torch.linalg.solve(inner + damping, target.T).T
     return {f"{name}.first": first_q, f"{name}.second": gptq(refit, inner)}
 
 
