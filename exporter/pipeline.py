@@ -45,7 +45,7 @@ from exporter.errors import UsageError, ValidationFailed
 from exporter.evaluate import evaluate
 from exporter.export import export_model
 from exporter.factorize import factorize_, layer_spectrum, spectrum_layers
-from exporter.footprint import RssSampler, choose_streaming
+from exporter.footprint import RssSampler, choose_streaming, return_freed_memory
 from exporter.generate import OnnxDecoder, TorchDecoder
 from exporter.grading import EvalTask, parse_eval_spec
 from exporter.graph import GraphOptions
@@ -111,6 +111,7 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
     Under `accelerate launch` / torchrun with several processes, every process takes part in relearning (basel,
     basel-layerwise) and only the main one goes on to export; the others return None."""
     console = console or Console(stderr=True)
+    return_freed_memory()
     profile = load_profile(config.device)
     if config.max_ppl_ratio is not None:
         profile = replace(profile, max_ppl_ratio=config.max_ppl_ratio)
@@ -437,6 +438,7 @@ class TaskData:
 def plan_only(config: RunConfig, console: Console | None = None) -> tuple[LoadedModel, RankPlan]:
     """What `edgeslim plan` prints: the plan `run` would make, compressing nothing."""
     console = console or Console(stderr=True)
+    return_freed_memory()
     profile = load_profile(config.device)
     task, method, _ = _check_choices(config)
     streamed = _streamed(config, profile, method, console)
