@@ -64,10 +64,11 @@ STREAM_BASE_SECONDS = 81.4
 
 # A plan that factorizes (the dense model does not meet the device's budgets) also decomposes, in float64, one
 # projection at a time beside the block: its price (exporter.sensitivity) and its selection (whitened U, s: W gram
-# W^T or L^T W^T W L, and U), then its factors' GPTQ. Counted as copies of the largest projection in float64;
-# fitted to one run: a one-block Llama-2-7B-width checkpoint on a profile that forces factorizing measured 3.42 GB
-# (session 15), against 3.00 GB predicted for the dense plan: 0.42 GB, 1.2 copies of a 4096 x 11008 matrix.
-FACTORIZING_COPIES = 1.2
+# W^T or L^T W^T W L, and U), then its factors' GPTQ. Counted as copies of the largest projection in float64,
+# measured over a dense export of the same width: a one-block Llama-2-7B-width checkpoint on a profile that forces
+# factorizing peaked at 2.87 GB (session 16), the 2-block dense export of that width at 2.48 (bench_scale_streamed_
+# session16.md): 0.39 GB, 1.1 copies of a 4096 x 11008 matrix. (The dense term itself predicts 3.00 GB there.)
+FACTORIZING_COPIES = 1.1
 
 # Layer-wise relearning (basel-layerwise) adds, per block, training over every basis of every projection (all of
 # them trained, whatever the rank): forward and backward, 6 flops a basis entry a token, EPOCHS times over the
