@@ -125,10 +125,7 @@ def _tall_whitened(weight: torch.Tensor, gram: torch.Tensor, layer: str) -> dict
     is held whole beside U (0.36 GB each at Llama-2-7B's 11008 x 4096, whose pricing, `layer_costs`, then
     needs 815 MiB instead of 1,059)."""
     lower = whitening(gram, layer)
-    rows_gram = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64)  # W^T W
-    for rows in row_bands(*weight.shape):
-        band = weight[rows].double()
-        rows_gram.addmm_(band.T, band)
+    rows_gram = transposed_product(weight, weight)  # W^T W
     right = eigen_decomposition(_sandwich(lower.T, rows_gram), layer)
     del rows_gram
     mapping = (lower @ right.pop("u")).div_(divisor(right["s"]))  # L V / s

@@ -29,7 +29,7 @@ from scipy.linalg import lapack
 from torch import nn
 
 from exporter.factorize import LowRankLinear
-from exporter.select import row_bands, transposed_product
+from exporter.select import transposed_product
 from exporter.vocabulary import PrunedHead
 
 QUANT_BLOCK = 32
@@ -284,9 +284,7 @@ def quantize_modules(root: nn.Module, stats: dict | None = None, prefix: str = "
     inside_low_rank = set()
     reading: dict[int, list[str]] = {}  # dense layers by the Gram matrix of their inputs (q/k/v share one)
     modules = {".".join(filter(None, (prefix, name))): module for name, module in root.named_modules()}
-    readers = Counter(id(stats[name]["gram"]) for name, module in modules.items()
-                      if stats is not None and isinstance(module, nn.Linear | PrunedHead | LowRankLinear)
-                      and name in stats)
+    readers = Counter(id(entry["gram"]) for entry in stats.values()) if consume else Counter()  # (the block's)
     for name, module in modules.items():
         if isinstance(module, LowRankLinear):
             inside_low_rank |= {f"{name}.first", f"{name}.second"}
@@ -343,9 +341,7 @@ def _refit_second(name: str, first: torch.Tensor, second: torch.Tensor, first_q:
     """B refitted to what rounding A changed, then rounded by GPTQ on the rounded A's outputs. Products in float64
     a band at a time: no float64 copy of G (0.97 GB at Llama-2-7B's 11008-wide MLP input), A or Â."""
     rounded = first_q.dequantize()  # exact in float32: levels times scales
-    toward_rounded = torch.empty(gram.shape[0], rounded.shape[0], dtype=torch.float64)  # G Âᵀ
-    for rows in row_bands(*gram.shape):
-        toward_rounded[rows] = transposed_product(gram[rows].T, rounded.T)
+    toward_rounded = transposed_product(gram, rounded.T)  # G Âᵀ (G symmetric)
     inner = transposed_product(rounded.T, toward_rounded)  # Â G Âᵀ: the Gram matrix of the rounded A's outputs
     damping = GPTQ_DAMPING * float(inner.diagonal().mean()) * torch.eye(inner.shape[0], dtype=inner.dtype)
     target = second.double() @ transposed_product(first.T, toward_rounded)  # B A G Âᵀ, never d_out x K

@@ -178,10 +178,10 @@ def row_bands(rows: int, width: int) -> Iterator[slice]:
 
 
 def transposed_product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """left^T @ right in float64, summed over bands of their (shared) rows: neither is copied whole to float64
-    (a 4096 x 11008 weight is 0.36 GB in float64)."""
+    """left^T @ right in float64, summed over bands of their (shared) rows, each band at most BAND_ENTRIES of the
+    wider one: neither is copied whole to float64 (a 4096 x 11008 weight is 0.36 GB in float64)."""
     product = torch.zeros(left.shape[1], right.shape[1], dtype=torch.float64)
-    for rows in row_bands(*right.shape):
+    for rows in row_bands(right.shape[0], max(left.shape[1], right.shape[1])):
         product.addmm_(left[rows].double().T, right[rows].double())
     return product
 
