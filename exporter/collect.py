@@ -7,7 +7,8 @@ Hooks are removed and `requires_grad` flags restored whatever happens, so the mo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -17,6 +18,7 @@ from exporter.cache import TensorCache, flatten, unflatten
 from exporter.calibration import Calibration
 
 Progress = Callable[[], None]
+READ_CHUNK = 16 << 20  # bytes of a Gram matrix read from disk at a time
 
 
 @contextmanager
@@ -74,6 +76,47 @@ class InputStats:
             entry["gram"].div_(tokens)
             entry["abs_mean"] = entry["abs_mean"].double().div_(tokens)
         return self.entries
+
+
+class GramOnDisk(Mapping):
+    """An InputStats entry whose Gram matrix waits in an unnamed temporary file (`tempfile.TemporaryFile`: gone
+    when the entry is, even if the process is killed): each `entry["gram"]` reads it again into memory of the
+    reader's own, which GPTQ's `consume` may free. So a streamed block's Gram matrices (0.69 GB at Llama-2-7B's
+    widths, 0.46 of it the MLP's 11008-wide input) are resident only while a layer works with one, not through
+    all of the block's decompositions. The other fields stay in memory."""
+
+    def __init__(self, entry: Mapping[str, torch.Tensor]):
+        gram = entry["gram"].contiguous()
+        self._shape = tuple(gram.shape)
+        self._file = tempfile.TemporaryFile(prefix="edgeslim-gram-")  # noqa: SIM115 - lives as long as the entry
+        self._file.write(memoryview(gram.numpy()).cast("B"))
+        self._fields = {field: value for field, value in entry.items() if field != "gram"}
+
+    def __getitem__(self, field: str) -> torch.Tensor:
+        if field != "gram":
+            return self._fields[field]
+        gram = torch.empty(self._shape)
+        flat, chunk = gram.view(-1).view(torch.uint8), bytearray(READ_CHUNK)
+        self._file.seek(0)
+        for start in range(0, flat.numel(), READ_CHUNK):  # not through numpy: memory numpy has seen cannot be
+            read = self._file.readinto(chunk)  # freed in place, as `consume` does
+            flat[start:start + read] = torch.frombuffer(chunk, dtype=torch.uint8)[:read]
+        return gram
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(("gram", *self._fields))
+
+    def __len__(self) -> int:
+        return 1 + len(self._fields)
+
+
+def grams_on_disk(stats: dict[str, Mapping[str, torch.Tensor]]) -> dict[str, GramOnDisk]:
+    """`stats` with every entry's Gram matrix in a file (`GramOnDisk`); layers that shared an entry still do."""
+    stored: dict[int, GramOnDisk] = {}
+    for entry in stats.values():
+        if id(entry) not in stored:
+            stored[id(entry)] = GramOnDisk(entry)
+    return {name: stored[id(entry)] for name, entry in stats.items()}
 
 
 @torch.no_grad()

@@ -17,17 +17,15 @@ parity is checked against are both built from the same `Int4Matrix`.
 
 from __future__ import annotations
 
-import tempfile
-from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.linalg import lapack
 from torch import nn
 
+from exporter.collect import GramOnDisk
 from exporter.factorize import LowRankLinear
 from exporter.select import transposed_product
 from exporter.vocabulary import PrunedHead
@@ -270,38 +268,34 @@ def quantize_modules(root: nn.Module, stats: dict | None = None, prefix: str = "
     """The Linear layers under `root` (whose path in the model is `prefix`: a streamed export rounds one block at a
     time) at int4, keyed by their paths in the model; `stats` is keyed by those paths too.
 
-    `consume` (a streamed block, whose statistics and fp32 weights are not needed once it is rounded): each Gram
-    matrix is used up by its inverse (a factorized layer's waits in a temporary file meanwhile, for the refit)
-    and taken out of `stats`, and each rounded layer's weights are dropped (left on
-    the meta device; `apply_` writes it back dequantized). So Llama-2-7B's widest inverse, the last, is made beside
-    neither the other Gram matrices nor the block's other weights (0.8 GB at that width).
+    `consume` (a streamed block, whose statistics and fp32 weights are not needed once it is rounded; its Gram
+    matrices on disk, `exporter.collect.grams_on_disk`, so that each read is the reader's own): each Gram matrix
+    read is used up by its inverse and the layer taken out of `stats`, and each rounded layer's weights are dropped
+    (left on the meta device; `apply_` writes it back dequantized). So Llama-2-7B's widest inverse, the last, is
+    made beside neither a Gram matrix nor the block's other weights (0.8 GB at that width).
 
     A factorized layer y = B (A x) is rounded in two steps: A by GPTQ on the layer's inputs; then B refitted to
     what A's rounding changed (least squares: the B that best reproduces the unrounded layer's output from the
     rounded A x) and rounded by GPTQ on the Gram matrix of A x, which follows from the layer's own (Â G Âᵀ). So
     the factors' errors do not compound."""
+    if consume and (stats is None or not all(isinstance(entry, GramOnDisk) for entry in stats.values())):
+        raise ValueError("consume reads each Gram matrix from disk: pass exporter.collect.grams_on_disk(stats)")
     quantized: dict[str, Int4Matrix] = {}
     inside_low_rank = set()
-    reading: dict[int, list[str]] = {}  # dense layers by the Gram matrix of their inputs (q/k/v share one)
+    reading: dict[int, list[str]] = {}  # dense layers by their inputs' statistics (q/k/v share one entry)
     modules = {".".join(filter(None, (prefix, name))): module for name, module in root.named_modules()}
-    readers = Counter(id(entry["gram"]) for entry in stats.values()) if consume else Counter()  # (the block's)
     for name, module in modules.items():
         if isinstance(module, LowRankLinear):
             inside_low_rank |= {f"{name}.first", f"{name}.second"}
-            gram = None if stats is None else stats[name]["gram"]
-            if gram is not None:
-                readers[id(gram)] -= 1
-            last = consume and gram is not None and readers[id(gram)] == 0
-            quantized.update(_quantize_low_rank(name, module, gram, consume=last))
-            if last:
-                del stats[name]
+            quantized.update(_quantize_low_rank(name, module, None if stats is None else stats[name], consume))
             if consume:
+                del stats[name]
                 _drop_weights(module.first, module.second)
         elif isinstance(module, nn.Linear | PrunedHead) and name not in inside_low_rank:
             if stats is None:
                 quantized[name] = round_to_nearest(module.weight.detach())
             else:
-                reading.setdefault(id(stats[name]["gram"]), []).append(name)
+                reading.setdefault(id(stats[name]), []).append(name)
     for names in reading.values():  # layers reading one input share one inverse
         rounded = gptq_sharing([modules[name].weight.detach() for name in names], stats[names[0]]["gram"],
                                consume=consume)
@@ -319,21 +313,15 @@ def _drop_weights(*linears: nn.Module) -> None:
         linear.weight = nn.Parameter(linear.weight.to("meta"), requires_grad=linear.weight.requires_grad)
 
 
-def _quantize_low_rank(name: str, layer: LowRankLinear, gram: torch.Tensor | None,
+def _quantize_low_rank(name: str, layer: LowRankLinear, stats: Mapping[str, torch.Tensor] | None,
                        consume: bool = False) -> dict[str, Int4Matrix]:
-    """`consume` (no layer reads `gram` after this one): the Gram matrix waits in a temporary file while GPTQ's
-    float64 inverse takes its memory, and is read back for the refit (at Llama-2-7B's down_proj 0.49 GB that
-    would sit beside the 0.97 GB inverse, the peak of a factorizing block)."""
+    """`consume`: the Gram matrix read for GPTQ is used up by its float64 inverse, and read again for the refit
+    (at Llama-2-7B's down_proj 0.49 GB that would sit beside the 0.97 GB inverse)."""
     first, second = layer.first.weight.detach(), layer.second.weight.detach()
-    if gram is None:
+    if stats is None:
         return {f"{name}.first": round_to_nearest(first), f"{name}.second": round_to_nearest(second)}
-    if not consume:
-        return _refit_second(name, first, second, gptq(first, gram), gram)
-    with tempfile.TemporaryDirectory(prefix="edgeslim-gram-") as folder:
-        path = Path(folder) / "gram.pt"
-        torch.save(gram, path)
-        first_q = gptq_sharing([first], gram, consume=True)[0]
-        return _refit_second(name, first, second, first_q, torch.load(path, mmap=True))
+    first_q = gptq_sharing([first], stats["gram"], consume=consume)[0]
+    return _refit_second(name, first, second, first_q, stats["gram"])
 
 
 def _refit_second(name: str, first: torch.Tensor, second: torch.Tensor, first_q: Int4Matrix,

@@ -38,7 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from exporter.calibration import Calibration
 from exporter.checkpoint import Checkpoint, hand_back_freed_memory, release
-from exporter.collect import InputStats
+from exporter.collect import InputStats, grams_on_disk
 from exporter.contracts import LayerPlan, LayerResult, ModelSpec, OnnxArtifact, RankPlan, Spectrum
 from exporter.datafile import DataFile
 from exporter.export import ALL_POSITIONS_FILE, EXACT_FILE, MODEL_FILE, artifact_for, save_variant, write_runtime_files
@@ -267,16 +267,16 @@ def _windows(model: PreTrainedModel, blocks_path: str, calibration: Calibration,
 def _calibrate(checkpoint: Checkpoint, model: PreTrainedModel, spec: ModelSpec, index: int, windows: Windows,
                plan: RankPlan, method: SelectionMethod) -> tuple[nn.Module, dict, dict]:
     """Block `index` read from the checkpoint and run densely on the calibration windows (`windows.dense` moves
-    on to its outputs): the block, its projections' input statistics (what GPTQ rounds by) and the method's
-    statistics for the layers the plan factorizes in it (`collect_block`: the same statistics, or relearned
-    weights)."""
+    on to its outputs): the block, its projections' input statistics (what GPTQ rounds by; their Gram matrices
+    on disk until a layer reads one) and the method's statistics for the layers the plan factorizes in it
+    (`collect_block`: the same statistics, or relearned weights)."""
     prefix = checkpoint.block_path(index)
     block = checkpoint.materialize(model.get_submodule(prefix), prefix)
     names = [layer.name for layer in spec.layers if layer.name.startswith(prefix + ".")]
     stats = InputStats()
     with stats.watching(model, names):
         outputs = through(block, windows.dense)
-    grams = stats.result()
+    grams = grams_on_disk(stats.result())
     ranks = {layer.name: layer.rank for layer in _factorized(plan, prefix)}
     selection = grams
     if ranks:

@@ -13,7 +13,7 @@ from conftest import build_tiny
 from onnx import TensorProto, helper, numpy_helper
 
 from exporter.calibration import Calibration
-from exporter.collect import activation_stats
+from exporter.collect import activation_stats, grams_on_disk
 from exporter.contracts import LayerPlan, RankPlan
 from exporter.factorize import factorize_
 from exporter.models import describe
@@ -149,25 +149,46 @@ def test_factorized_layers_are_rounded_with_a_refitted_second_factor():
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_a_consumed_block_rounds_as_a_kept_one_and_frees_its_statistics_and_weights(family):
-    """A streamed block is rounded with `consume`: the same int4 bytes, its Gram matrices emptied and taken out of
-    the statistics, its Linear weights dropped (biases kept) until `apply_` writes them back dequantized."""
+    """A streamed block is rounded with `consume`, its Gram matrices on disk: the same int4 bytes (a factorized
+    layer's too, whose Gram matrix is read twice), the block's layers taken out of the statistics, its Linear
+    weights dropped (biases kept) until `apply_` writes them back dequantized."""
     model = build_tiny(family)
     prefix = "model.layers.0"
-    names = [layer.name for layer in describe(model).layers if layer.name.startswith(prefix + ".")]
+    layers = [layer for layer in describe(model).layers if layer.name.startswith(prefix + ".")]
+    factorized = {f"{prefix}.self_attn.q_proj", f"{prefix}.mlp.down_proj"}  # q shares its entry with k and v
+    plan_layers = tuple(LayerPlan(layer.name, layer.d_in, layer.d_out, 32 if layer.name in factorized else None)
+                        for layer in layers)
+    factorize_(model, RankPlan("t", "int4", 0.5, 32, plan_layers, None, None), get_method("svd"), {})
     torch.manual_seed(0)
+    names = [layer.name for layer in layers]
     stats = activation_stats(model, Calibration(tuple(torch.randint(2, 300, (1, 64)) for _ in range(4)), "t"), names)
-    kept = quantize_modules(model.get_submodule(prefix), copy.deepcopy(stats), prefix)
-    grams = [entry["gram"] for entry in stats.values()]
-    consumed = quantize_modules(model.get_submodule(prefix), stats, prefix, consume=True)
-    assert set(consumed) == set(kept) == set(names) and not stats
+    kept = quantize_modules(model.get_submodule(prefix), stats, prefix)
+    with pytest.raises(ValueError, match="grams_on_disk"):
+        quantize_modules(model.get_submodule(prefix), stats, prefix, consume=True)
+    stored = grams_on_disk(stats)
+    consumed = quantize_modules(model.get_submodule(prefix), stored, prefix, consume=True)
+    assert set(consumed) == set(kept) and len(kept) == len(names) + len(factorized) and not stored
     assert all(torch.equal(consumed[n].packed, kept[n].packed) and torch.equal(consumed[n].scale, kept[n].scale)
-               for n in names)
-    assert all(gram.untyped_storage().nbytes() == 0 for gram in grams)
-    linears = [model.get_submodule(name) for name in names]
+               for n in kept)
+    linears = [model.get_submodule(name) for name in kept]
     assert all(linear.weight.is_meta for linear in linears)
     assert all(not linear.bias.is_meta for linear in linears if linear.bias is not None)
     apply_(model, consumed)
-    assert all(torch.equal(model.get_submodule(name).weight, consumed[name].dequantize()) for name in names)
+    assert all(torch.equal(model.get_submodule(name).weight, consumed[name].dequantize()) for name in kept)
+
+
+def test_a_gram_matrix_on_disk_is_read_afresh_each_time():
+    """Each read is a copy of its own (a reader may free it) of the same values; shared entries stay shared."""
+    gram = torch.randn(6, 6)
+    shared = {"gram": gram, "abs_mean": torch.rand(6)}
+    stored = grams_on_disk({"q": shared, "k": shared, "o": {"gram": gram.T, "abs_mean": torch.rand(6)}})
+    assert stored["q"] is stored["k"] and stored["q"] is not stored["o"]
+    first, second = stored["q"]["gram"], stored["q"]["gram"]
+    assert torch.equal(first, gram) and torch.equal(stored["o"]["gram"], gram.T)
+    assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
+    first.untyped_storage().resize_(0)  # what GPTQ's `consume` does to what it read
+    assert torch.equal(stored["q"]["gram"], gram) and torch.equal(stored["q"]["abs_mean"], shared["abs_mean"])
+    assert sorted(stored["o"]) == ["abs_mean", "gram"]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
