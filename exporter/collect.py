@@ -70,12 +70,14 @@ class InputStats:
         entry["tokens"] += flat.shape[0]
 
     def result(self) -> dict[str, dict[str, torch.Tensor]]:
-        """The means, per layer (the accumulation is finished: call once)."""
-        for entry in {id(entry): entry for entry in self.entries.values()}.values():
+        """The means, per layer, handed over: the accumulation is finished, and this object keeps no reference to
+        them (`grams_on_disk` can then free the Gram matrices in memory)."""
+        entries, self.entries = self.entries, {}
+        for entry in {id(entry): entry for entry in entries.values()}.values():
             tokens = float(entry.pop("tokens"))
             entry["gram"].div_(tokens)
             entry["abs_mean"] = entry["abs_mean"].double().div_(tokens)
-        return self.entries
+        return entries
 
 
 class GramOnDisk(Mapping):
