@@ -165,7 +165,7 @@ def plan(as_json, **options):
     profile = load_profile(options["device"])
     for note in plan_notes(profile):
         click.echo(f"note: {note}")
-    needed = export_footprint(loaded.model, profile.memory_budget_mib * MIB, rank_plan.allocation != "dense")
+    needed = export_footprint(loaded.model, profile.memory_budget_mib * MIB)
     relearning = ""
     if get_method(options["method"]).needs == "blocks":  # relearning a block at a time: streamed only
         peak = needed.streamed_peak_bytes + needed.relearning_bytes

@@ -30,9 +30,7 @@ from transformers.pytorch_utils import Conv1D
 
 from exporter.architectures import arch_for
 from exporter.contracts import MIB, DeviceProfile
-from exporter.errors import BudgetError, UsageError
-from exporter.models import describe, normalize_
-from exporter.plan import make_plan
+from exporter.errors import UsageError
 from exporter.relearn import EPOCHS
 
 # Fitted to scripts/bench_scale.py on this 2-core machine (README, "Scale").
@@ -62,14 +60,6 @@ RUNTIME_BYTES_PER_PARAMETER = 0.94  # the int4 model in onnxruntime (0.64 bytes 
 STREAM_SECONDS_PER_TFLOP = 43.8  # the same work as in memory; float32 statistics sums
 STREAM_BASE_SECONDS = 81.4
 
-# A plan that factorizes (the dense model does not meet the device's budgets) also decomposes, in float64, one
-# projection at a time beside the block: its price (exporter.sensitivity) and its selection (whitened U, s: W gram
-# W^T or L^T W^T W L, and U), then its factors' GPTQ. Counted as copies of the largest projection in float64,
-# measured over a dense export of the same width: a one-block Llama-2-7B-width checkpoint on a profile that forces
-# factorizing peaked at 2.87 GB (session 16), the 2-block dense export of that width at 2.48 (bench_scale_streamed_
-# session16.md): 0.39 GB, 1.1 copies of a 4096 x 11008 matrix. (The dense term itself predicts 3.00 GB there.)
-FACTORIZING_COPIES = 1.1
-
 # Layer-wise relearning (basel-layerwise) adds, per block, training over every basis of every projection (all of
 # them trained, whatever the rank): forward and backward, 6 flops a basis entry a token, EPOCHS times over the
 # calibration tokens; and it holds the largest block's bases (U and V^T L^-1 in fp32) beside the block. Fitted to
@@ -91,11 +81,13 @@ class Footprint:
     relearning_seconds: float  # and to its time
 
 
-def export_footprint(model: nn.Module, memory_budget_bytes: float = float("inf"),
-                     factorizing: bool = False) -> Footprint:
+def export_footprint(model: nn.Module, memory_budget_bytes: float = float("inf")) -> Footprint:
     """What `edgeslim export` of `model` (its weights may be on the meta device) will need here, at int4, for a
-    device whose memory budget is `memory_budget_bytes` (the shipped model, running, holds at most that);
-    `factorizing`: the plan factorizes (a block at a time, that adds the decomposition of the largest projection)."""
+    device whose memory budget is `memory_budget_bytes` (the shipped model, running, holds at most that). A plan
+    that factorizes needs no more: a block at a time, its float64 decompositions, one projection at a time, peak
+    below GPTQ's inverse of the widest input, which every int4 export makes (a one-block Llama-2-7B-width
+    checkpoint on a profile that forces factorizing: 2.36 GB, as the 2-block dense export of that width; session
+    17)."""
     parameters = _count(model)  # tied weights counted once
     shapes = dict(_projections(model))
     gram_entries = _gram_entries(shapes)
@@ -111,9 +103,7 @@ def export_footprint(model: nn.Module, memory_budget_bytes: float = float("inf")
     if model.get_input_embeddings().weight is model.get_output_embeddings().weight:
         streamed_work += 2 * CALIBRATION_TOKENS * in_blocks  # the dense pass a tied table's GPTQ needs first
     bases = {id(b): _basis_entries(b) for b in blocks}
-    largest = max(d_in * d_out for _, (d_in, d_out) in _projections(block))  # the plan factorizes only in blocks
-    decomposing = FACTORIZING_COPIES * 8 * largest if factorizing else 0
-    streamed = max(STREAM_BASE_BYTES + STREAM_COPIES * 4 * held + decomposing
+    streamed = max(STREAM_BASE_BYTES + STREAM_COPIES * 4 * held
                    + GRAM_BYTES * _gram_entries(dict(_projections(block)))
                    + 4 * CALIBRATION_TOKENS * model.config.hidden_size,  # a block at a time
                    MEASURING_BASE_BYTES + min(RUNTIME_BYTES_PER_PARAMETER * parameters,
@@ -157,24 +147,11 @@ def _projections(model: nn.Module):
 def checkpoint_footprint(folder: Path, trust_remote_code: bool = False,
                          profile: DeviceProfile | None = None) -> Footprint:
     """The footprint of a Hugging Face model folder, from its config alone (nothing is loaded), exported for
-    `profile` (its memory budget, and whether the dense model meets its budgets or the plan factorizes)."""
+    `profile` (its memory budget bounds the shipped model, measured running)."""
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    if profile is None:
-        return export_footprint(model)
-    return export_footprint(model, profile.memory_budget_mib * MIB, _factorizes(model, profile))
-
-
-def _factorizes(model: nn.Module, profile: DeviceProfile) -> bool:
-    """Whether the plan for `profile` factorizes: the dense model misses one of its budgets (an impossible
-    budget is refused later, by the planner, with its own message)."""
-    try:
-        with torch.device("meta"):  # GPT-2's Conv1D projections become Linear ones, as the pipeline plans them
-            spec = describe(normalize_(model))
-        return make_plan(spec, profile).allocation != "dense"
-    except BudgetError:
-        return True
+    return export_footprint(model, float("inf") if profile is None else profile.memory_budget_mib * MIB)
 
 
 def choose_streaming(folder: Path, source: str, trust_remote_code: bool = False, requested: bool | None = None,

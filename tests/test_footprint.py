@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from test_pipeline import write_profile
-from transformers import AutoConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from exporter import footprint
 from exporter.contracts import MIB
 from exporter.errors import UsageError
 from exporter.pipeline import RunConfig, run
-from exporter.profile import load_profile
 from exporter.synthetic import SHAPES, llama_config
 
 
@@ -72,22 +71,3 @@ def test_a_streamed_export_needs_no_more_memory_for_more_blocks_on_a_device_budg
     assert needed(layers) == pytest.approx(footprint.MEASURING_BASE_BYTES
                                            + footprint.RUNTIME_BYTES_PER_PARAMETER * 6.74e9, rel=0.01)
     assert needed(2 * layers) > needed(layers)  # no budget: the whole model runs
-
-
-@pytest.mark.parametrize("arch", ["llama"], indirect=True)
-def test_a_plan_that_factorizes_counts_the_decomposition_of_the_largest_projection(tmp_path, tiny_model_dir):
-    """A block at a time, a factorizing plan decomposes one projection at a time in float64 beside the block: the
-    prediction adds copies of the largest one (Llama-2-7B's 4096 x 11008 MLP projections), and it is added when
-    the profile's budgets are missed by the dense model, as the planner decides."""
-    hidden, intermediate, heads, kv_heads, vocab, tied, _ = SHAPES["llama-2-7b"]
-    with torch.device("meta"):
-        model = LlamaForCausalLM(llama_config(hidden, intermediate, heads, kv_heads, vocab, tied, 1))
-    dense, factorizing = (footprint.export_footprint(model, 1536 * MIB, flag).streamed_peak_bytes
-                          for flag in (False, True))
-    assert factorizing - dense == pytest.approx(footprint.FACTORIZING_COPIES * 8 * hidden * intermediate)
-    forced = load_profile(write_profile(tmp_path / "forced.yaml"))  # its slow compute misses the prefill budget
-    roomy = load_profile(write_profile(tmp_path / "roomy.yaml", hardware={"memory_bandwidth_gbps": 100,
-                                                                           "compute_gflops": 1000}))
-    with torch.device("meta"):
-        tiny = LlamaForCausalLM(AutoConfig.from_pretrained(tiny_model_dir))
-    assert footprint._factorizes(tiny, forced) and not footprint._factorizes(tiny, roomy)
