@@ -152,12 +152,15 @@ def release(module: nn.Module) -> None:
 
 
 def hand_back_freed_memory() -> None:
-    """From now on, this process's large allocations are mapped and unmapped on their own. glibc otherwise raises
-    its mapping threshold as large blocks are freed and serves the next ones from a heap it never shrinks: a
-    streamed export's resident memory then climbs to the sum of its stages' peaks instead of the largest (measured
-    on a qwen2-0.5b shape: rounding its 151936-row table to int4 kept 0.75 GB resident instead of 0.16)."""
+    """From now on, this process hands freed memory back to the system: every block above 128 KiB is mapped on its
+    own and unmapped when freed, and the heap is trimmed down to 128 KiB of free space. By default glibc raises its
+    mapping threshold each time a large block is freed (up to 32 MB) and keeps freed blocks below it for reuse, so
+    an export's resident memory climbed to the sum of its stages' peaks instead of the largest (measured: rounding a
+    qwen2-0.5b shape's 151936-row table to int4 kept 0.75 GB resident instead of 0.16; at Llama-2-7B width the
+    factorizing export's pricing stage held 2.98 GB instead of 2.46). A no-op where the C library is not glibc."""
     if _LIBC is not None:
-        _LIBC.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        _LIBC.mallopt(M_MMAP_THRESHOLD, MALLOC_MAP_ABOVE)
+        _LIBC.mallopt(M_TRIM_THRESHOLD, MALLOC_MAP_ABOVE)
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -168,7 +171,8 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (glibc malloc.h)
+MALLOC_MAP_ABOVE = 128 * 1024  # bytes: glibc's default mmap threshold, and its trim threshold
 _LIBC = _glibc()
 
 

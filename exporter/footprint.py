@@ -16,7 +16,6 @@ leaves out. A streamed export holds one block, the tables outside the blocks and
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 import time
@@ -193,24 +192,6 @@ def available_bytes() -> int | None:
         if line.startswith("MemAvailable:"):
             return int(line.split()[1]) * 1024
     return None
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (glibc malloc.h)
-MALLOC_MAP_ABOVE = 128 * 1024  # bytes: glibc's default mmap threshold, and its trim threshold
-
-
-def return_freed_memory() -> None:
-    """Makes glibc hand freed memory back to the kernel. By default it raises its mmap threshold (up to 32 MB)
-    each time a large block is freed, and keeps freed blocks below the threshold in its heap for reuse: the
-    float64 bands, decompositions and states an export frees then stayed resident, 0.25 GB of a 7B-width
-    factorizing export's pricing stage (2.46 GB instead of 2.98, measured). A fixed threshold maps every block
-    above 128 KiB on its own and unmaps it when freed. Nothing to do where the C library is not glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, MALLOC_MAP_ABOVE)
-        libc.mallopt(M_TRIM_THRESHOLD, MALLOC_MAP_ABOVE)
-    except (OSError, AttributeError):
-        pass
 
 
 class RssSampler:

@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from exporter import plan as planner
 from exporter.cache import TensorCache, flatten, unflatten
 from exporter.calibration import Calibration, calibration_batches
+from exporter.checkpoint import hand_back_freed_memory
 from exporter.collect import cached_activation_stats
 from exporter.contracts import (
     MIB,
@@ -45,7 +46,7 @@ from exporter.errors import UsageError, ValidationFailed
 from exporter.evaluate import evaluate
 from exporter.export import export_model
 from exporter.factorize import factorize_, layer_spectrum, spectrum_layers
-from exporter.footprint import RssSampler, choose_streaming, return_freed_memory
+from exporter.footprint import RssSampler, choose_streaming
 from exporter.generate import OnnxDecoder, TorchDecoder
 from exporter.grading import EvalTask, parse_eval_spec
 from exporter.graph import GraphOptions
@@ -111,7 +112,7 @@ def run(config: RunConfig, console: Console | None = None) -> RunResult | None:
     Under `accelerate launch` / torchrun with several processes, every process takes part in relearning (basel,
     basel-layerwise) and only the main one goes on to export; the others return None."""
     console = console or Console(stderr=True)
-    return_freed_memory()
+    hand_back_freed_memory()
     profile = load_profile(config.device)
     if config.max_ppl_ratio is not None:
         profile = replace(profile, max_ppl_ratio=config.max_ppl_ratio)
@@ -438,7 +439,7 @@ class TaskData:
 def plan_only(config: RunConfig, console: Console | None = None) -> tuple[LoadedModel, RankPlan]:
     """What `edgeslim plan` prints: the plan `run` would make, compressing nothing."""
     console = console or Console(stderr=True)
-    return_freed_memory()
+    hand_back_freed_memory()
     profile = load_profile(config.device)
     task, method, _ = _check_choices(config)
     streamed = _streamed(config, profile, method, console)

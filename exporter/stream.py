@@ -37,7 +37,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from exporter.calibration import Calibration
-from exporter.checkpoint import Checkpoint, hand_back_freed_memory, release
+from exporter.checkpoint import Checkpoint, release
 from exporter.collect import InputStats, grams_on_disk
 from exporter.contracts import LayerPlan, LayerResult, ModelSpec, OnnxArtifact, RankPlan, Spectrum
 from exporter.datafile import DataFile
@@ -181,12 +181,6 @@ def stream_export(checkpoint: Checkpoint, model: PreTrainedModel, tokenizer: Pre
     the shipped embedding: an untied embedding to nearest (a lookup), a tied table by GPTQ on the dense model's
     final hidden states, as the in-memory path rounds it, which costs one more dense pass over the blocks on the
     calibration windows first. An untied lm_head is rounded by GPTQ at the end."""
-    hand_back_freed_memory()
-    return _stream(checkpoint, model, tokenizer, spec, options, precision, plan, method, inputs, folder, on_block)
-
-
-def _stream(checkpoint, model, tokenizer, spec, options, precision, plan, method, inputs, folder,
-            on_block) -> Streamed:
     arch, head = checkpoint.arch, Head(model, checkpoint.arch.final_norm)
     int4 = precision == "int4"
     head_name = lm_head_name(model)
@@ -344,7 +338,6 @@ def relearn_share(checkpoint: Checkpoint, model: PreTrainedModel, spec: ModelSpe
     same calibration stream, taking its share of each block's relearning (`collect_block`, data-parallel), while
     the main process also exports. Every process runs every calibration window through the dense blocks, so the
     statistics are whole in each without exchanging them; only the training is split."""
-    hand_back_freed_memory()
     with checkpoint.outside_blocks(model):
         windows = _windows(model, checkpoint.arch.blocks, calibration, method)
     carry(checkpoint, model, spec, windows, plan, method, on_block)
